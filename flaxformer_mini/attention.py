@@ -1,0 +1,327 @@
+"""Attention: the pure math and masks first, then the `MultiHeadAttention` module.
+
+Axis names used in shapes and einsum strings:
+  b batch, q query length, k key/value length, h heads, g query heads per key/value
+  head (grouped-query attention), d head_dim.
+
+Masks are boolean, ``True`` where attention is allowed, and broadcastable to
+``[batch, heads, q_len, kv_len]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxformer_mini import positions as positions_lib
+
+Array = jax.Array
+Dtype = Any
+
+# ---------------------------------------------------------------------------
+# Masks (pure functions).
+# ---------------------------------------------------------------------------
+
+
+def padding_mask(query_valid: Array, key_valid: Optional[Array] = None) -> Array:
+  """Mask from per-token validity.
+
+  Args:
+    query_valid: [batch, q_len] bool (or 0/1) — which query tokens are real.
+    key_valid: [batch, kv_len]; defaults to ``query_valid`` (self-attention).
+
+  Returns:
+    [batch, 1, q_len, kv_len] bool, True where both tokens are real.
+  """
+  if key_valid is None:
+    key_valid = query_valid
+  return jnp.logical_and(query_valid.astype(bool)[:, None, :, None],
+                         key_valid.astype(bool)[:, None, None, :])
+
+
+def causal_mask(length: int, kv_length: Optional[int] = None) -> Array:
+  """Lower-triangular mask: query i may attend to keys j <= i.
+
+  Returns:
+    [1, 1, length, kv_length] bool.
+  """
+  kv_length = length if kv_length is None else kv_length
+  q = jnp.arange(length)[:, None]
+  k = jnp.arange(kv_length)[None, :]
+  return (k <= q)[None, None]
+
+
+def segment_mask(query_segments: Array, key_segments: Optional[Array] = None) -> Array:
+  """Mask for packed sequences: attend only within the same non-zero segment.
+
+  Args:
+    query_segments: [batch, q_len] int, 1, 2, ... per packed example, 0 = padding.
+    key_segments: [batch, kv_len]; defaults to ``query_segments``.
+
+  Returns:
+    [batch, 1, q_len, kv_len] bool.
+  """
+  if key_segments is None:
+    key_segments = query_segments
+  same = query_segments[:, None, :, None] == key_segments[:, None, None, :]
+  real = jnp.logical_and(query_segments[:, None, :, None] > 0,
+                         key_segments[:, None, None, :] > 0)
+  return jnp.logical_and(same, real)
+
+
+def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
+  """Logical AND of the given masks, ignoring ``None``; None if all are None."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0].astype(bool)
+  for m in masks[1:]:
+    out = jnp.logical_and(out, m.astype(bool))
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Scaled dot-product attention (pure function).
+# ---------------------------------------------------------------------------
+
+
+def _check_broadcastable(name: str, shape, target) -> None:
+  ok = len(shape) == len(target) and all(s in (1, t) for s, t in zip(shape, target))
+  if not ok:
+    raise ValueError(
+        f"expected {name} broadcastable to [batch, heads, q_len, kv_len] = "
+        f"{tuple(target)}, got {tuple(shape)}")
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Optional[Array] = None,
+    bias: Optional[Array] = None,
+    *,
+    scale: Optional[float] = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[Array] = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+):
+  """softmax(q·kᵀ·scale + bias, masked) · v.
+
+  Args:
+    query: [batch, q_len, heads, head_dim].
+    key: [batch, kv_len, kv_heads, head_dim]; ``heads`` must be a multiple of
+      ``kv_heads`` (grouped-query attention: query head ``i`` reads key/value
+      head ``i // (heads // kv_heads)``).
+    value: [batch, kv_len, kv_heads, head_dim_v].
+    mask: bool, broadcastable to [batch, heads, q_len, kv_len]; True = attend.
+    bias: float, broadcastable to [batch, heads, q_len, kv_len], added to logits.
+    scale: logit scale; default 1/sqrt(head_dim).
+    dropout_rate: dropout on the attention weights (when not deterministic).
+    dropout_rng: PRNG key for that dropout.
+    deterministic: disables dropout.
+    return_weights: also return the weights [batch, heads, q_len, kv_len].
+
+  Returns:
+    [batch, q_len, heads, head_dim_v] in the query dtype (and the float32
+    weights if ``return_weights``). Softmax runs in float32. A query row whose
+    keys are all masked gets zero weights and a zero output (never NaN).
+  """
+  if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+    raise ValueError("expected query/key/value of rank 4 [batch, length, heads, head_dim], "
+                     f"got {query.shape}, {key.shape}, {value.shape}")
+  b, q_len, heads, head_dim = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  if key.shape[-1] != head_dim or value.shape[:3] != key.shape[:3]:
+    raise ValueError(f"key {key.shape} / value {value.shape} do not match query {query.shape}")
+  if heads % kv_heads:
+    raise ValueError(f"query heads={heads} is not a multiple of key/value heads={kv_heads}")
+  target = (b, heads, q_len, kv_len)
+  if mask is not None:
+    _check_broadcastable("mask", mask.shape, target)
+  if bias is not None:
+    _check_broadcastable("bias", bias.shape, target)
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+  groups = heads // kv_heads
+  q = query.reshape(b, q_len, kv_heads, groups, head_dim)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, key,
+                      preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, heads, q_len, kv_len) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    # Fully-masked rows would be uniform over masked keys: make them zero.
+    weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+  if not deterministic and dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng")
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  w = weights.astype(value.dtype).reshape(b, kv_heads, groups, q_len, kv_len)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", w, value)
+  out = out.reshape(b, q_len, heads, value.shape[-1]).astype(query.dtype)
+  return (out, weights) if return_weights else out
+
+
+# ---------------------------------------------------------------------------
+# Multi-head attention module.
+# ---------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention: per-head projections, parallel heads, concat, output projection.
+
+  Parameter layout matches ``flax.linen.MultiHeadDotProductAttention``:
+  ``query``/``key``/``value`` kernels [d_model, heads, head_dim] and ``out``
+  kernel [heads, head_dim, out_features]. With ``fused_qkv`` self-attention
+  uses one ``qkv`` kernel [d_model, heads + 2*kv_heads, head_dim] (and
+  cross-attention one ``kv`` kernel).
+
+  Attributes:
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention); default num_heads.
+    head_dim: default in_features // num_heads.
+    out_features: default the query input width.
+    rotary: apply rotary position embeddings (RoPE) to queries and keys.
+    attention_scale: logit scale; default 1/sqrt(head_dim).
+  """
+
+  num_heads: int
+  num_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  out_features: Optional[int] = None
+  use_bias: bool = True
+  fused_qkv: bool = False
+  dropout_rate: float = 0.0
+  rotary: bool = False
+  rotary_base: float = 10000.0
+  attention_scale: Optional[float] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self,
+               inputs_q: Array,
+               inputs_kv: Optional[Array] = None,
+               mask: Optional[Array] = None,
+               bias: Optional[Array] = None,
+               *,
+               positions: Optional[Array] = None,
+               deterministic: bool = True,
+               decode: bool = False,
+               return_weights: bool = False):
+    """Attend from ``inputs_q`` to ``inputs_kv`` (itself when None).
+
+    Args:
+      inputs_q: [batch, q_len, d_model].
+      inputs_kv: [batch, kv_len, d_kv], or None for self-attention. In
+        ``decode`` mode cross-attention projects it once into the cache and
+        later steps may pass None.
+      mask: bool broadcastable to [batch, heads, q_len, kv_len].
+      bias: float broadcastable to [batch, heads, q_len, kv_len].
+      positions: [batch, q_len] int, positions for RoPE (default 0..q_len-1,
+        or the cache index when decoding).
+      deterministic: disables dropout.
+      decode: incremental decoding with a key/value cache (collection
+        ``cache``). The first call (under ``init`` or with a full-length
+        input) creates the cache; later calls take one token, q_len == 1.
+      return_weights: also return [batch, heads, q_len, kv_len] weights; they
+        are also sown into ``intermediates/attention_weights``.
+
+    Returns:
+      [batch, q_len, out_features] (and the weights if ``return_weights``).
+    """
+    d_in = inputs_q.shape[-1]
+    if self.head_dim is None and d_in % self.num_heads:
+      raise ValueError(f"d_model={d_in} is not divisible by num_heads={self.num_heads}")
+    head_dim = self.head_dim or d_in // self.num_heads
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}")
+    self_attention = inputs_kv is None and not (decode and self.has_variable("cache", "cross_key"))
+    is_cross = not self_attention
+
+    dense = lambda feats, name: nn.DenseGeneral(
+        features=feats, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
+
+    if is_cross and decode and self.has_variable("cache", "cross_key"):
+      # Cross-attention K/V were projected from the encoder output once.
+      query = dense((self.num_heads, head_dim), "query")(inputs_q)
+      key = self.get_variable("cache", "cross_key")
+      value = self.get_variable("cache", "cross_value")
+    else:
+      kv_in = inputs_q if inputs_kv is None else inputs_kv
+      if self.fused_qkv and not is_cross:
+        qkv = dense((self.num_heads + 2 * kv_heads, head_dim), "qkv")(inputs_q)
+        query, key, value = jnp.split(qkv, [self.num_heads, self.num_heads + kv_heads], axis=-2)
+      else:
+        query = dense((self.num_heads, head_dim), "query")(inputs_q)
+        if self.fused_qkv:
+          kv = dense((2 * kv_heads, head_dim), "kv")(kv_in)
+          key, value = jnp.split(kv, 2, axis=-2)
+        else:
+          key = dense((kv_heads, head_dim), "key")(kv_in)
+          value = dense((kv_heads, head_dim), "value")(kv_in)
+      if is_cross and decode:
+        self.variable("cache", "cross_key", lambda: key)
+        self.variable("cache", "cross_value", lambda: value)
+
+    if self.rotary and not is_cross:
+      if decode and self.has_variable("cache", "cache_index") and positions is None:
+        positions = jnp.broadcast_to(self.get_variable("cache", "cache_index"),
+                                     inputs_q.shape[:2])
+      elif positions is None:
+        positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
+      query = positions_lib.apply_rotary(query, positions, self.rotary_base)
+      key = positions_lib.apply_rotary(key, positions, self.rotary_base)
+
+    if decode and not is_cross:
+      key, value, mask = self._update_cache(key, value, mask)
+
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng("dropout")
+    out, weights = dot_product_attention(
+        query, key, value, mask, bias, scale=self.attention_scale,
+        dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+        deterministic=deterministic, return_weights=True)
+    if return_weights:
+      self.sow("intermediates", "attention_weights", weights)
+    out = nn.DenseGeneral(
+        features=self.out_features or d_in, axis=(-2, -1), use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+        name="out")(out)
+    return (out, weights) if return_weights else out
+
+  def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
+    """Writes one step's key/value at ``cache_index``; returns the full cache.
+
+    key/value: [batch, 1, kv_heads, head_dim] on a step; the full-length
+    [batch, max_len, kv_heads, head_dim] on the call that creates the cache.
+    """
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return key, value, mask  # creating the cache: plain full attention
+    b, max_len, kv_heads, head_dim = cached_key.value.shape
+    if key.shape != (b, 1, kv_heads, head_dim):
+      raise ValueError(f"decode step expects one token per call: key {(b, 1, kv_heads, head_dim)}, "
+                       f"got {key.shape}")
+    i = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (0, i, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), (0, i, 0, 0))
+    cache_index.value = i + 1
+    step_mask = (jnp.arange(max_len) <= i)[None, None, None, :]
+    return cached_key.value, cached_value.value, combine_masks(step_mask, mask)

@@ -1,0 +1,308 @@
+"""Stacks and whole models: `Encoder`, `Decoder`, `Transformer` (encoder-decoder), `DecoderOnlyLM`.
+
+Plus the glue that turns a model and its params into the
+``tokens_to_logits(ids, cache)`` callback that `flaxformer_mini.decoding` needs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxformer_mini import attention as attn_lib
+from flaxformer_mini.config import TransformerConfig
+from flaxformer_mini.layers import DecoderLayer, EncoderLayer, InputEmbedding, make_norm
+from flaxformer_mini.positions import RelativePositionBias
+
+Array = jax.Array
+
+
+def _check_length(cfg: TransformerConfig, ids: Array, what: str) -> None:
+  if ids.ndim != 2:
+    raise ValueError(f"expected {what} of shape [batch, length], got {ids.shape}")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"expected integer token ids for {what}, got dtype {ids.dtype}")
+  if ids.shape[1] > cfg.max_len:
+    raise ValueError(f"{what} length {ids.shape[1]} exceeds max_len={cfg.max_len}")
+
+
+def _default_positions(ids: Array, positions: Optional[Array]) -> Array:
+  if positions is None:
+    return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+  return positions
+
+
+def make_embedding(cfg: TransformerConfig, vocab_size: int, name: str) -> nn.Embed:
+  std = cfg.d_model ** -0.5 if cfg.scale_embeddings else 1.0
+  return nn.Embed(vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(stddev=std),
+                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+
+
+class Encoder(nn.Module):
+  """Embedding + positions, ``num_encoder_layers`` x `EncoderLayer`, optional final norm."""
+
+  cfg: TransformerConfig
+  embed: nn.Module
+
+  @nn.compact
+  def __call__(self, inputs: Array, segmentation: Optional[Array] = None,
+               positions: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+    """inputs: [batch, src_len] ids; segmentation/positions: [batch, src_len] (packed inputs).
+
+    Returns:
+      [batch, src_len, d_model].
+    """
+    cfg = self.cfg
+    _check_length(cfg, inputs, "inputs")
+    positions = _default_positions(inputs, positions)
+    x = InputEmbedding(cfg, self.embed, name="input_embedding")(
+        inputs, positions, deterministic=deterministic)
+    if segmentation is not None:
+      mask = attn_lib.segment_mask(segmentation)
+    else:
+      mask = attn_lib.padding_mask(inputs != cfg.pad_id)
+    bias = None
+    if cfg.position_kind == "relative":
+      bias = RelativePositionBias(cfg.num_heads, True, cfg.relative_num_buckets,
+                                  cfg.relative_max_distance, cfg.param_dtype,
+                                  name="relative_bias")(positions, positions)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, bias, positions=positions,
+                                               deterministic=deterministic)
+    if cfg.use_final_norm:
+      x = make_norm(cfg, "final_norm")(x)
+    return x
+
+
+class Decoder(nn.Module):
+  """Embedding + positions, ``num_decoder_layers`` x `DecoderLayer`, final norm, logits.
+
+  ``cross=False`` drops cross-attention (decoder-only language model).
+  """
+
+  cfg: TransformerConfig
+  embed: nn.Module
+  cross: bool = True
+
+  @nn.compact
+  def __call__(self, decoder_inputs: Array, encoded: Optional[Array] = None,
+               encoder_valid: Optional[Array] = None, *,
+               segmentation: Optional[Array] = None,
+               encoder_segmentation: Optional[Array] = None,
+               positions: Optional[Array] = None,
+               deterministic: bool = True, decode: bool = False) -> Array:
+    """Logits for each decoder position.
+
+    Args:
+      decoder_inputs: [batch, tgt_len] ids (targets shifted right, BOS first).
+      encoded: [batch, src_len, d_model] encoder output (cross=True).
+      encoder_valid: [batch, src_len] bool, real (non-pad) source tokens.
+      segmentation / encoder_segmentation: [batch, tgt_len] / [batch, src_len]
+        segment ids of packed examples (replace the padding masks).
+      positions: [batch, tgt_len] positions within each packed example.
+      decode: incremental decoding. The first call with the full-length
+        ``decoder_inputs`` (and ``encoded``, ``encoder_valid``) creates the
+        ``cache`` collection; each later call takes ``[batch, 1]`` ids and
+        reads everything else from the cache.
+
+    Returns:
+      [batch, tgt_len, out_vocab_size] float32 logits.
+    """
+    cfg = self.cfg
+    _check_length(cfg, decoder_inputs, "decoder_inputs")
+    stepping = decode and self.has_variable("cache", "decode_index")
+    self_bias = None
+    if stepping:
+      if decoder_inputs.shape[1] != 1:
+        raise ValueError(f"a decode step takes [batch, 1] ids, got {decoder_inputs.shape}")
+      index_var = self.variable("cache", "decode_index", lambda: jnp.array(0, jnp.int32))
+      index = index_var.value
+      index_var.value = index + 1
+      positions = jnp.broadcast_to(index, decoder_inputs.shape)
+      self_mask = None  # the attention caches mask keys beyond the current step
+      cross_mask = None
+      if self.cross:
+        valid = self.variable("cache", "encoder_valid", lambda: None).value
+        cross_mask = valid[:, None, None, :]
+      max_len = jax.tree_util.tree_leaves(
+          self.variables["cache"]["layer_0"]["self_attention"]["cached_key"])[0].shape[1]
+      k_positions = jnp.arange(max_len, dtype=jnp.int32)[None, :]
+    else:
+      positions = _default_positions(decoder_inputs, positions)
+      if decode:  # creating the cache
+        self.variable("cache", "decode_index", lambda: jnp.array(0, jnp.int32))
+        if self.cross:
+          self.variable("cache", "encoder_valid", lambda: encoder_valid.astype(bool))
+      causal = attn_lib.causal_mask(decoder_inputs.shape[1])
+      if segmentation is not None:
+        self_mask = attn_lib.combine_masks(causal, attn_lib.segment_mask(segmentation))
+        cross_mask = (attn_lib.segment_mask(segmentation, encoder_segmentation)
+                      if self.cross else None)
+      else:
+        valid = decoder_inputs != cfg.pad_id
+        self_mask = attn_lib.combine_masks(causal, attn_lib.padding_mask(valid))
+        cross_mask = attn_lib.padding_mask(valid, encoder_valid) if self.cross else None
+      k_positions = positions
+    if cfg.position_kind == "relative":
+      self_bias = RelativePositionBias(cfg.num_heads, False, cfg.relative_num_buckets,
+                                       cfg.relative_max_distance, cfg.param_dtype,
+                                       name="relative_bias")(positions, k_positions)
+    x = InputEmbedding(cfg, self.embed, name="input_embedding")(
+        decoder_inputs, positions, deterministic=deterministic)
+    for i in range(cfg.num_decoder_layers):
+      x = DecoderLayer(cfg, cross=self.cross, name=f"layer_{i}")(
+          x, encoded, self_mask, cross_mask, self_bias, positions=positions,
+          deterministic=deterministic, decode=decode)
+    if cfg.use_final_norm:
+      x = make_norm(cfg, "final_norm")(x)
+    if cfg.tie_output:
+      if cfg.scale_tied_logits:
+        x = x * cfg.d_model ** -0.5
+      logits = self.embed.attend(x.astype(cfg.dtype))
+    else:
+      logits = nn.Dense(cfg.out_vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, name="logits")(x)
+    return logits.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """The encoder-decoder Transformer of "Attention Is All You Need", configurable.
+
+  Example:
+    >>> cfg = TransformerConfig(vocab_size=100, d_model=32, num_heads=4, d_ff=64,
+    ...                         num_encoder_layers=2, num_decoder_layers=2)
+    >>> model = Transformer(cfg)
+    >>> src = jnp.ones((2, 7), jnp.int32); tgt = jnp.ones((2, 5), jnp.int32)
+    >>> params = model.init(jax.random.key(0), src, tgt)["params"]
+    >>> model.apply({"params": params}, src, tgt).shape
+    (2, 5, 100)
+  """
+
+  cfg: TransformerConfig
+
+  def setup(self):
+    cfg = self.cfg
+    if cfg.share_embeddings:
+      if cfg.out_vocab_size != cfg.vocab_size:
+        raise ValueError(f"share_embeddings needs output_vocab_size == vocab_size, got "
+                         f"{cfg.out_vocab_size} != {cfg.vocab_size}")
+      encoder_embed = decoder_embed = make_embedding(cfg, cfg.vocab_size, "embedding")
+    else:
+      encoder_embed = make_embedding(cfg, cfg.vocab_size, "encoder_embedding")
+      decoder_embed = make_embedding(cfg, cfg.out_vocab_size, "decoder_embedding")
+    self.encoder = Encoder(cfg, encoder_embed)
+    self.decoder = Decoder(cfg, decoder_embed, cross=True)
+
+  def encode(self, inputs: Array, inputs_segmentation: Optional[Array] = None,
+             inputs_positions: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+    """inputs: [batch, src_len] ids -> [batch, src_len, d_model]."""
+    return self.encoder(inputs, inputs_segmentation, inputs_positions,
+                        deterministic=deterministic)
+
+  def decode(self, encoded: Optional[Array], inputs: Optional[Array], decoder_inputs: Array, *,
+             inputs_segmentation: Optional[Array] = None,
+             targets_segmentation: Optional[Array] = None,
+             targets_positions: Optional[Array] = None,
+             deterministic: bool = True, decode: bool = False) -> Array:
+    """Decoder logits [batch, tgt_len, vocab] given the encoder output.
+
+    ``inputs`` ([batch, src_len] ids) give the source padding mask. For
+    ``decode=True`` steps ``encoded`` and ``inputs`` may be None (cached).
+    """
+    encoder_valid = None
+    if inputs is not None:
+      encoder_valid = (inputs_segmentation > 0 if inputs_segmentation is not None
+                       else inputs != self.cfg.pad_id)
+    return self.decoder(decoder_inputs, encoded, encoder_valid,
+                        segmentation=targets_segmentation,
+                        encoder_segmentation=inputs_segmentation,
+                        positions=targets_positions, deterministic=deterministic,
+                        decode=decode)
+
+  def __call__(self, inputs: Array, decoder_inputs: Array, *,
+               inputs_segmentation: Optional[Array] = None,
+               targets_segmentation: Optional[Array] = None,
+               inputs_positions: Optional[Array] = None,
+               targets_positions: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """inputs: [batch, src_len], decoder_inputs: [batch, tgt_len] -> [batch, tgt_len, vocab] logits."""
+    encoded = self.encode(inputs, inputs_segmentation, inputs_positions,
+                          deterministic=deterministic)
+    return self.decode(encoded, inputs, decoder_inputs,
+                       inputs_segmentation=inputs_segmentation,
+                       targets_segmentation=targets_segmentation,
+                       targets_positions=targets_positions, deterministic=deterministic)
+
+
+class DecoderOnlyLM(nn.Module):
+  """Decoder-only language model (GPT / Llama style, by config): `Decoder` without cross-attention."""
+
+  cfg: TransformerConfig
+
+  def setup(self):
+    self.embedding = make_embedding(self.cfg, self.cfg.vocab_size, "embedding")
+    self.decoder = Decoder(self.cfg, self.embedding, cross=False)
+
+  def __call__(self, inputs: Array, *, segmentation: Optional[Array] = None,
+               positions: Optional[Array] = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    """inputs: [batch, length] ids -> [batch, length, vocab] next-token logits."""
+    return self.decoder(inputs, segmentation=segmentation, positions=positions,
+                        deterministic=deterministic, decode=decode)
+
+
+# ---------------------------------------------------------------------------
+# Glue for flaxformer_mini.decoding: (model, params) -> tokens_to_logits, cache.
+# ---------------------------------------------------------------------------
+
+TokensToLogits = Callable[[Array, dict], Tuple[Array, dict]]
+
+
+def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
+                         max_decode_len: int) -> Tuple[TokensToLogits, dict]:
+  """Encodes ``inputs`` once and builds the decoder cache.
+
+  Args:
+    inputs: [batch, src_len] source ids.
+    max_decode_len: cache length (longest output, BOS step included).
+
+  Returns:
+    (tokens_to_logits, cache): ``tokens_to_logits(ids [batch, 1], cache) ->
+    (logits [batch, vocab] float32, cache)``; cache leaves are
+    [batch, ...] except the scalar step indices.
+  """
+  if max_decode_len > model.cfg.max_len:
+    raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={model.cfg.max_len}")
+  variables = {"params": params}
+  encoded = model.apply(variables, inputs, method=Transformer.encode)
+  dummy = jnp.zeros((inputs.shape[0], max_decode_len), jnp.int32)
+  _, state = model.apply(variables, encoded, inputs, dummy, decode=True, mutable=["cache"],
+                         method=Transformer.decode)
+
+  def tokens_to_logits(ids: Array, cache: dict):
+    logits, new_state = model.apply({"params": params, "cache": cache}, None, None, ids,
+                                    decode=True, mutable=["cache"], method=Transformer.decode)
+    return logits[:, -1], new_state["cache"]
+
+  return tokens_to_logits, state["cache"]
+
+
+def lm_decoding_fns(model: DecoderOnlyLM, params, batch_size: int,
+                    max_decode_len: int) -> Tuple[TokensToLogits, dict]:
+  """Like `seq2seq_decoding_fns` for a `DecoderOnlyLM`: an empty cache of ``max_decode_len``."""
+  if max_decode_len > model.cfg.max_len:
+    raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={model.cfg.max_len}")
+  dummy = jnp.zeros((batch_size, max_decode_len), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.apply({"params": params}, dummy, decode=True,
+                                              mutable=["cache"])[1]["cache"])
+  cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def tokens_to_logits(ids: Array, cache: dict):
+    logits, new_state = model.apply({"params": params, "cache": cache}, ids, decode=True,
+                                    mutable=["cache"])
+    return logits[:, -1], new_state["cache"]
+
+  return tokens_to_logits, cache
