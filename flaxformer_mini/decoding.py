@@ -1,0 +1,404 @@
+"""Autoregressive decoding as pure functions over a ``tokens_to_logits`` callback.
+
+Decoding knows nothing about the model (t5x style). The model is a callback
+
+    tokens_to_logits(ids, cache) -> (logits, new_cache)
+
+  ids:    [batch, 1] int32, the token at the current step (``bos_id`` at step 0);
+  logits: [batch, vocab] float32, the distribution of the *next* token;
+  cache:  any pytree. Every leaf with ndim >= 1 has a leading batch axis; leaves
+          with ndim == 0 (e.g. a shared step index) are shared by the whole batch.
+
+Every search is a fixed-shape ``lax.while_loop`` that calls the callback once per
+step (one token per step) and stops as soon as every row is finished, so all of
+them run under ``jax.jit`` with the callback and the integer/float options static.
+
+Output convention (all searches): ``[..., max_decode_len]`` int32 sequences
+WITHOUT the leading BOS, EOS included, ``pad_id`` after EOS.
+
+Prompts (decoder-only models): ``prompt: [batch, prompt_len]`` right-padded with
+``pad_id``. Row ``b``'s prompt length is the number of tokens before its first
+``pad_id``. While step ``t < prompt_length[b]`` the token at position ``t`` is
+forced to ``prompt[b, t]`` instead of being chosen, so the prompt appears at the
+start of the output and the continuation follows it. A prompt should not
+contain ``eos_id`` (a forced EOS finishes the row like a chosen one).
+
+Beam scores (the length-penalized score, GNMT):
+
+    score = sum of log p(token) over the generated tokens / length_penalty(n)
+    length_penalty(n) = ((5 + n) / 6) ** alpha
+
+where ``n`` counts the generated tokens including EOS and excluding forced
+prompt tokens (whose log-probs are not counted either). A hypothesis that
+reaches ``max_decode_len`` without EOS is a candidate too, with
+``n = max_decode_len - prompt_length`` (as in Hugging Face's finalize step; it
+also covers flax WMT's "no finished hypothesis -> return live beams" fallback).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+PyTree = Any
+TokensToLogits = Callable[[Array, PyTree], tuple[Array, PyTree]]
+
+NEG_INF = float("-inf")
+
+# ---------------------------------------------------------------------------
+# Shared helpers.
+# ---------------------------------------------------------------------------
+
+
+def length_penalty(length, alpha: float):
+  """GNMT length penalty ``((5 + length) / 6) ** alpha``; any array shape, float."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _check_positive_int(name: str, value) -> None:
+  if not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+
+
+def _check_cache(init_cache: PyTree, batch_size: int) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(init_cache)[0]:
+    shape = jnp.shape(leaf)
+    if len(shape) >= 1 and shape[0] != batch_size:
+      raise ValueError(
+          f"cache leaf {jax.tree_util.keystr(path)} must have a leading batch axis of "
+          f"size batch_size={batch_size} (or be a scalar shared by the batch), "
+          f"got shape {shape}")
+
+
+def _check_logits(logits: Array, rows: int) -> None:
+  if logits.ndim != 2 or logits.shape[0] != rows:
+    raise ValueError(f"tokens_to_logits must return logits [{rows}, vocab], "
+                     f"got shape {logits.shape}")
+
+
+def _prepare_prompt(prompt, batch_size: int, max_decode_len: int, pad_id: int):
+  """Returns (prompt [batch, prompt_len] int32 or None, prompt_length [batch] int32)."""
+  if prompt is None or jnp.shape(prompt)[-1] == 0:
+    return None, jnp.zeros((batch_size,), jnp.int32)
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if prompt.ndim != 2 or prompt.shape[0] != batch_size:
+    raise ValueError(f"expected prompt [batch_size={batch_size}, prompt_len], "
+                     f"got shape {prompt.shape}")
+  if prompt.shape[1] > max_decode_len:
+    raise ValueError(f"prompt_len={prompt.shape[1]} is longer than "
+                     f"max_decode_len={max_decode_len}")
+  # Length = number of tokens before the first pad (right padding).
+  prompt_length = jnp.sum(jnp.cumprod(prompt != pad_id, axis=1), axis=1)
+  return prompt, prompt_length.astype(jnp.int32)
+
+
+def _forced_token(prompt: Array, t: Array) -> Array:
+  """prompt[:, t] (clipped to the last column): [batch] int32."""
+  col = jnp.minimum(t, prompt.shape[1] - 1)
+  return lax.dynamic_index_in_dim(prompt, col, axis=1, keepdims=False)
+
+
+# ---------------------------------------------------------------------------
+# Greedy search and sampling: one token per row per step.
+# ---------------------------------------------------------------------------
+
+
+def _token_by_token(tokens_to_logits, init_cache, choose, *, batch_size,
+                    max_decode_len, bos_id, eos_id, pad_id, prompt):
+  """Shared loop of greedy/sample; ``choose(logits [batch, vocab], t) -> [batch]``."""
+  _check_positive_int("batch_size", batch_size)
+  _check_positive_int("max_decode_len", max_decode_len)
+  _check_cache(init_cache, batch_size)
+  prompt, prompt_length = _prepare_prompt(prompt, batch_size, max_decode_len, pad_id)
+
+  def cond(state):
+    t, _, _, _, done = state
+    return (t < max_decode_len) & ~jnp.all(done)
+
+  def body(state):
+    t, ids, cache, seqs, done = state
+    logits, cache = tokens_to_logits(ids[:, None], cache)
+    _check_logits(logits, batch_size)
+    token = choose(logits.astype(jnp.float32), t).astype(jnp.int32)
+    if prompt is not None:
+      token = jnp.where(t < prompt_length, _forced_token(prompt, t), token)
+    token = jnp.where(done, pad_id, token)
+    seqs = seqs.at[:, t].set(token)
+    return t + 1, token, cache, seqs, done | (token == eos_id)
+
+  state = (jnp.array(0, jnp.int32),
+           jnp.full((batch_size,), bos_id, jnp.int32),
+           init_cache,
+           jnp.full((batch_size, max_decode_len), pad_id, jnp.int32),
+           jnp.zeros((batch_size,), bool))
+  return lax.while_loop(cond, body, state)[3]
+
+
+def greedy_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
+                  batch_size: int, max_decode_len: int, bos_id: int, eos_id: int,
+                  pad_id: int = 0, prompt: Optional[Array] = None) -> Array:
+  """Picks the most probable token at every step.
+
+  Args:
+    tokens_to_logits: ``(ids [batch, 1], cache) -> (logits [batch, vocab], cache)``.
+    init_cache: pytree; leaves with ndim >= 1 are ``[batch, ...]``.
+    batch_size, max_decode_len: static ints >= 1.
+    bos_id, eos_id, pad_id: token ids (BOS is the first input, never output).
+    prompt: optional ``[batch, prompt_len]`` forced prefix, right-padded with
+      ``pad_id``; ``prompt_len <= max_decode_len`` (see the module docstring).
+
+  Returns:
+    ``[batch, max_decode_len]`` int32, without BOS, ``pad_id`` after EOS.
+  """
+  choose = lambda logits, t: jnp.argmax(logits, axis=-1)
+  return _token_by_token(tokens_to_logits, init_cache, choose, batch_size=batch_size,
+                         max_decode_len=max_decode_len, bos_id=bos_id, eos_id=eos_id,
+                         pad_id=pad_id, prompt=prompt)
+
+
+def top_k_filter(logits: Array, k: int) -> Array:
+  """Sets all but the ``k`` largest logits of each row to -inf. logits: [..., vocab]."""
+  k = min(k, logits.shape[-1])
+  kth_largest = lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits < kth_largest, NEG_INF, logits)
+
+
+def top_p_filter(logits: Array, p: float) -> Array:
+  """Nucleus filter: keeps the smallest set of most probable tokens whose total
+  probability is >= ``p`` (token of rank r is kept iff the mass of the tokens
+  ranked above it is < p; the top token is always kept). logits: [..., vocab]."""
+  sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_above = jnp.cumsum(probs, axis=-1) - probs
+  keep = mass_above < p
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def sample(tokens_to_logits: TokensToLogits, init_cache: PyTree, rng: Array, *,
+           batch_size: int, max_decode_len: int, bos_id: int, eos_id: int,
+           pad_id: int = 0, prompt: Optional[Array] = None, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Ancestral sampling with temperature, then top-k, then top-p filtering.
+
+  Step ``t`` draws from ``categorical(filtered(logits / temperature))`` with key
+  ``jax.random.fold_in(rng, t)``; top-p is applied to the distribution left
+  after top-k. ``temperature == 0`` is greedy search (filters are then moot).
+
+  Args:
+    tokens_to_logits, init_cache, batch_size, max_decode_len, bos_id, eos_id,
+      pad_id, prompt: as in :func:`greedy_search`.
+    rng: a PRNG key.
+    temperature: static float >= 0.
+    top_k: static int >= 0; 0 means off.
+    top_p: static float in (0, 1]; 1.0 means off.
+
+  Returns:
+    ``[batch, max_decode_len]`` int32, without BOS, ``pad_id`` after EOS.
+  """
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0, got temperature={temperature!r}")
+  if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"top_k must be an integer >= 0 (0 = off), got top_k={top_k!r}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1] (1 = off), got top_p={top_p!r}")
+
+  def choose(logits, t):
+    if temperature == 0:
+      return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k > 0:
+      logits = top_k_filter(logits, top_k)
+    if top_p < 1:
+      logits = top_p_filter(logits, top_p)
+    return jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1)
+
+  return _token_by_token(tokens_to_logits, init_cache, choose, batch_size=batch_size,
+                         max_decode_len=max_decode_len, bos_id=bos_id, eos_id=eos_id,
+                         pad_id=pad_id, prompt=prompt)
+
+
+# ---------------------------------------------------------------------------
+# Beam search.
+# ---------------------------------------------------------------------------
+
+
+def _gather_beams(x: Array, idx: Array) -> Array:
+  """x: [batch, n, ...], idx: [batch, m] -> [batch, m, ...]."""
+  return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+
+
+def _gather_flat_cache(cache: PyTree, idx: Array) -> PyTree:
+  """Reorders cache leaves [batch*beam, ...] by beam indices idx: [batch, beam]."""
+  batch, beam = idx.shape
+
+  def gather(x):
+    if jnp.ndim(x) == 0:
+      return x
+    x = x.reshape((batch, beam) + x.shape[1:])
+    return _gather_beams(x, idx).reshape((batch * beam,) + x.shape[2:])
+
+  return jax.tree_util.tree_map(gather, cache)
+
+
+def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
+                batch_size: int, beam_size: int, max_decode_len: int, bos_id: int,
+                eos_id: int, pad_id: int = 0, alpha: float = 0.6, num_return: int = 1,
+                prompt: Optional[Array] = None) -> tuple[Array, Array]:
+  """Beam search with finished-hypothesis bookkeeping and a GNMT length penalty.
+
+  The callback sees beams flattened into the batch: ``ids [batch*beam, 1]``,
+  ``logits [batch*beam, vocab]``; cache leaves with ndim >= 1 are repeated to
+  ``[batch*beam, ...]`` (row ``b * beam_size + k``) and reordered along the beam
+  after each step; scalar leaves are passed through untouched.
+
+  Each step scores the ``beam * vocab`` extensions of the live beams and keeps
+  the top ``2 * beam`` (at most ``beam`` of them end in EOS, so ``beam`` live
+  ones always remain). Extensions ending in EOS, and all extensions at the last
+  step, are merged into a separate pool of the ``beam`` best finished
+  hypotheses by score (module docstring); the others become the new live beams
+  by log-prob. A row stops when its pool is full and its worst finished score
+  beats the best score any live beam could still reach (its log-prob divided
+  by the largest length penalty still possible, that of ``max_decode_len``
+  when ``alpha >= 0``); the loop stops when every row has stopped.
+
+  Args:
+    tokens_to_logits: ``(ids [batch*beam, 1], cache) -> (logits [batch*beam, vocab], cache)``.
+    init_cache: pytree for ``batch_size`` rows (leaves ``[batch, ...]`` or scalars).
+    batch_size, beam_size, max_decode_len: static ints >= 1.
+    bos_id, eos_id, pad_id: token ids.
+    alpha: length-penalty exponent (0 = plain sum of log-probs).
+    num_return: how many hypotheses to return per row, ``<= beam_size``.
+    prompt: optional ``[batch, prompt_len]`` forced prefix (module docstring);
+      its tokens count neither in the log-prob nor in the length.
+
+  Returns:
+    sequences: ``[batch, num_return, max_decode_len]`` int32, best first,
+      without BOS, ``pad_id`` after EOS.
+    scores: ``[batch, num_return]`` float32, sum of log-probs / length penalty.
+      ``-inf`` only if fewer than ``num_return`` hypotheses are possible at all.
+  """
+  _check_positive_int("batch_size", batch_size)
+  _check_positive_int("beam_size", beam_size)
+  _check_positive_int("max_decode_len", max_decode_len)
+  _check_positive_int("num_return", num_return)
+  if num_return > beam_size:
+    raise ValueError(f"num_return={num_return} must be <= beam_size={beam_size}")
+  _check_cache(init_cache, batch_size)
+  prompt, prompt_length = _prepare_prompt(prompt, batch_size, max_decode_len, pad_id)
+  b, k, max_len = batch_size, beam_size, max_decode_len
+  max_generated = max_len - prompt_length  # [batch]
+
+  def cond(state):
+    t, _, _, _, live_logprobs, _, fin_scores, fin_flags = state
+    # Future completion lengths lie in [t + 1 - prompt_length, max_generated]; the
+    # penalty is monotonic in length, so its maximum is at one of the two ends.
+    shortest = jnp.maximum(t + 1 - prompt_length, 0)
+    best_penalty = jnp.maximum(length_penalty(shortest, alpha),
+                               length_penalty(max_generated, alpha))
+    best_live = jnp.minimum(jnp.max(live_logprobs, axis=1), 0.0)
+    best_reachable = best_live / best_penalty
+    worst_finished = jnp.min(fin_scores, axis=1)
+    row_done = ((jnp.all(fin_flags, axis=1) & (worst_finished > best_reachable))
+                | (best_live == NEG_INF))
+    return (t < max_len) & ~jnp.all(row_done)
+
+  def body(state):
+    t, ids, cache, live_seqs, live_logprobs, fin_seqs, fin_scores, fin_flags = state
+    logits, cache = tokens_to_logits(ids.reshape(b * k, 1), cache)
+    _check_logits(logits, b * k)
+    vocab = logits.shape[-1]
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, vocab)
+    if prompt is not None:
+      is_forced = jnp.arange(vocab) == _forced_token(prompt, t)[:, None, None]
+      forced_logprobs = jnp.where(is_forced, 0.0, NEG_INF)
+      logprobs = jnp.where((t < prompt_length)[:, None, None], forced_logprobs, logprobs)
+
+    # Top 2*beam extensions of all live beams: [batch, 2*beam].
+    extended = (live_logprobs[:, :, None] + logprobs).reshape(b, k * vocab)
+    cand_logprobs, cand_index = lax.top_k(extended, min(2 * k, k * vocab))
+    cand_parent, cand_token = cand_index // vocab, cand_index % vocab
+    cand_seqs = _gather_beams(live_seqs, cand_parent).at[:, :, t].set(cand_token)
+    cand_eos = cand_token == eos_id
+
+    # Finished pool: keep the best `beam` of old finished + newly finished.
+    generated = t + 1 - prompt_length  # [batch]
+    finishing = (cand_eos | (t == max_len - 1)) & (cand_logprobs > NEG_INF)
+    cand_scores = jnp.where(
+        finishing, cand_logprobs / length_penalty(generated, alpha)[:, None], NEG_INF)
+    fin_scores, keep = lax.top_k(jnp.concatenate([fin_scores, cand_scores], 1), k)
+    fin_seqs = _gather_beams(jnp.concatenate([fin_seqs, cand_seqs], 1), keep)
+    fin_flags = _gather_beams(jnp.concatenate([fin_flags, finishing], 1), keep)
+
+    # Live beams: the best `beam` extensions that did not end in EOS.
+    live_logprobs, keep = lax.top_k(jnp.where(cand_eos, NEG_INF, cand_logprobs), k)
+    live_seqs = _gather_beams(cand_seqs, keep)
+    ids = _gather_beams(cand_token, keep)
+    cache = _gather_flat_cache(cache, _gather_beams(cand_parent, keep))
+    return t + 1, ids, cache, live_seqs, live_logprobs, fin_seqs, fin_scores, fin_flags
+
+  flat_cache = jax.tree_util.tree_map(
+      lambda x: jnp.repeat(x, k, axis=0) if jnp.ndim(x) else x, init_cache)
+  only_first_beam = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)
+  state = (jnp.array(0, jnp.int32),
+           jnp.full((b, k), bos_id, jnp.int32),
+           flat_cache,
+           jnp.full((b, k, max_len), pad_id, jnp.int32),
+           jnp.tile(only_first_beam[None], (b, 1)),
+           jnp.full((b, k, max_len), pad_id, jnp.int32),
+           jnp.full((b, k), NEG_INF, jnp.float32),
+           jnp.zeros((b, k), bool))
+  state = lax.while_loop(cond, body, state)
+  fin_seqs, fin_scores = state[5], state[6]
+  return fin_seqs[:, :num_return], fin_scores[:, :num_return]
+
+
+# ---------------------------------------------------------------------------
+# Teacher-forced scoring.
+# ---------------------------------------------------------------------------
+
+
+def score_sequences(tokens_to_logits: TokensToLogits, init_cache: PyTree,
+                    sequences: Array, *, bos_id: int, eos_id: int,
+                    pad_id: int) -> Array:
+  """Summed log-probability of given sequences, teacher-forced one token per step.
+
+  Feeds ``bos_id, sequences[:, 0], sequences[:, 1], ...`` through the same
+  callback and sums ``log p(sequences[:, t])`` over the tokens up to and
+  including the first EOS, skipping ``pad_id`` tokens (padding is not scored).
+  Dividing by ``length_penalty(n, alpha)`` with ``n`` the number of scored
+  tokens reproduces :func:`beam_search`'s scores (without a prompt).
+
+  Args:
+    tokens_to_logits: ``(ids [batch, 1], cache) -> (logits [batch, vocab], cache)``.
+    init_cache: pytree; leaves with ndim >= 1 are ``[batch, ...]``.
+    sequences: ``[batch, seq_len]`` int, without BOS (the decoders' output format).
+    bos_id, eos_id, pad_id: token ids.
+
+  Returns:
+    ``[batch]`` float32 log-probabilities.
+  """
+  sequences = jnp.asarray(sequences, jnp.int32)
+  if sequences.ndim != 2:
+    raise ValueError(f"expected sequences [batch, seq_len], got shape {sequences.shape}")
+  batch = sequences.shape[0]
+  _check_cache(init_cache, batch)
+  inputs = jnp.concatenate([jnp.full((batch, 1), bos_id, jnp.int32), sequences[:, :-1]], 1)
+
+  def step(cache, ids_and_targets):
+    ids, targets = ids_and_targets  # [batch] each
+    logits, cache = tokens_to_logits(ids[:, None], cache)
+    _check_logits(logits, batch)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return cache, jnp.take_along_axis(logprobs, targets[:, None], axis=1)[:, 0]
+
+  _, token_logprobs = lax.scan(step, init_cache, (inputs.T, sequences.T))
+  is_eos = sequences == eos_id
+  after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+  scored = ~after_eos & (sequences != pad_id)
+  return jnp.sum(jnp.where(scored, token_logprobs.T, 0.0), axis=1)

@@ -1,0 +1,476 @@
+"""Tests for flaxformer_mini.decoding with hand-written toy models.
+
+Token ids in every toy model: 0 = PAD = BOS (its logit is -1e9, so it is never
+generated and padding is unambiguous), 1 = EOS, 2.. = ordinary tokens.
+
+* Markov model: logits = table[step, previous token]; the cache carries the
+  previous token ([batch]) and a shared scalar step. Each step's distribution
+  can be recomputed from the table without the cache.
+* Prefix model: logits depend on the whole prefix and on a per-row context; the
+  cache holds the prefix [batch, max_len], the row id [batch] and a scalar step,
+  so beam search must reorder the cache correctly to get anything right.
+Both have float64 NumPy references.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxformer_mini import decoding
+
+PAD = BOS = 0
+EOS = 1
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _penalty(n, alpha):
+  return ((5.0 + n) / 6.0) ** alpha
+
+
+# ---------------------------------------------------------------------------
+# Toy models.
+# ---------------------------------------------------------------------------
+
+
+class MarkovModel:
+  """logits[b] = table[step, ids[b]]; cache = {'prev': [batch], 'step': ()}."""
+
+  def __init__(self, seed, vocab, max_len, scale=2.0, eos_bias=0.0):
+    table = scale * np.random.RandomState(seed).randn(max_len, vocab, vocab)
+    table[:, :, EOS] += eos_bias
+    table[:, :, PAD] = -1e9
+    self.table = table.astype(np.float32)
+
+  def init_cache(self, batch):
+    return {"prev": jnp.zeros((batch,), jnp.int32), "step": jnp.array(0, jnp.int32)}
+
+  def __call__(self, ids, cache):
+    logits = jnp.asarray(self.table)[cache["step"], ids[:, 0]]
+    return logits, {"prev": ids[:, 0], "step": cache["step"] + 1}
+
+  def logits_np(self, step, prev):
+    return self.table[step, prev]
+
+  def logprob_np(self, tokens, start=0):
+    """Sum of log p(tokens[t]) for t >= start, given the full prefix from BOS."""
+    prev, total = BOS, 0.0
+    for t, tok in enumerate(tokens):
+      if t >= start:
+        total += _log_softmax(self.table[t, prev])[tok]
+      prev = tok
+    return total
+
+
+class PrefixModel:
+  """Logits from the whole prefix and a per-row context.
+
+  h = ctx[row] + sum_{j <= step} emb[j, prefix[j]];  logits = 3 tanh(h) @ out.
+  cache = {'prefix': [batch, max_len], 'row': [batch], 'step': ()}.
+  """
+
+  def __init__(self, seed, vocab, max_len, dim=8, num_rows=8, eos_bias=0.0):
+    rs = np.random.RandomState(seed)
+    self.max_len = max_len
+    self.emb = rs.randn(max_len, vocab, dim).astype(np.float32)
+    self.ctx = rs.randn(num_rows, dim).astype(np.float32)
+    self.out = rs.randn(dim, vocab).astype(np.float32)
+    self.bias = np.zeros(vocab, np.float32)
+    self.bias[EOS] = eos_bias
+    self.bias[PAD] = -1e9
+
+  def init_cache(self, batch):
+    return {"prefix": jnp.zeros((batch, self.max_len), jnp.int32),
+            "row": jnp.arange(batch, dtype=jnp.int32),
+            "step": jnp.array(0, jnp.int32)}
+
+  def __call__(self, ids, cache):
+    step = cache["step"]
+    prefix = cache["prefix"].at[:, step].set(ids[:, 0])
+    visible = (jnp.arange(self.max_len) <= step)[None, :, None]
+    e = jnp.asarray(self.emb)[jnp.arange(self.max_len)[None, :], prefix]  # [b, L, d]
+    h = jnp.asarray(self.ctx)[cache["row"]] + jnp.sum(jnp.where(visible, e, 0.0), 1)
+    logits = 3.0 * jnp.tanh(h) @ jnp.asarray(self.out) + jnp.asarray(self.bias)
+    return logits, {"prefix": prefix, "row": cache["row"], "step": step + 1}
+
+  def logits_np(self, row, inputs):
+    """inputs: BOS + the tokens so far (len = step + 1)."""
+    h = self.ctx[row].astype(np.float64)
+    for j, tok in enumerate(inputs):
+      h = h + self.emb[j, tok]
+    return 3.0 * np.tanh(h) @ self.out + self.bias
+
+  def logprob_np(self, row, tokens):
+    inputs, total = [BOS], 0.0
+    for tok in tokens:
+      total += _log_softmax(self.logits_np(row, inputs))[tok]
+      inputs.append(tok)
+    return total
+
+
+def _pad(tokens, length):
+  return list(tokens) + [PAD] * (length - len(tokens))
+
+
+def _unpad(seq):
+  """Tokens up to and including the first EOS (or all of them)."""
+  seq = [int(x) for x in seq]
+  return seq[:seq.index(EOS) + 1] if EOS in seq else seq
+
+
+def _enumerate_hypotheses(model, row, vocab, max_len, alpha):
+  """All outputs beam search can return (EOS-ended, or max_len without EOS), best first."""
+  words = range(2, vocab)
+  hyps = []
+  for n in range(max_len):
+    for body in itertools.product(words, repeat=n):
+      hyps.append(list(body) + [EOS])
+  hyps += [list(body) for body in itertools.product(words, repeat=max_len)]
+  scored = [(model.logprob_np(row, h) / _penalty(len(h), alpha), h) for h in hyps]
+  return sorted(scored, key=lambda x: -x[0])
+
+
+def _check_eos_padding(seqs):
+  for seq in np.asarray(seqs).reshape(-1, np.shape(seqs)[-1]).tolist():
+    if EOS in seq:
+      i = seq.index(EOS)
+      assert all(x == PAD for x in seq[i + 1:]), seq
+      assert PAD not in seq[:i], seq
+    else:
+      assert PAD not in seq, seq
+
+
+# ---------------------------------------------------------------------------
+# Beam search.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_wide_beam_matches_exhaustive_enumeration(alpha):
+  # Vocab {PAD, EOS, 2, 3}, max_len 4: at most 2**3 = 8 live prefixes, so a beam
+  # of 8 is as wide as the search space and must be exact, top-n order included.
+  vocab, max_len, batch, beam = 4, 4, 3, 8
+  model = PrefixModel(seed=1, vocab=vocab, max_len=max_len)
+  seqs, scores = decoding.beam_search(
+      model, model.init_cache(batch), batch_size=batch, beam_size=beam,
+      max_decode_len=max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD, alpha=alpha,
+      num_return=beam)
+  assert seqs.shape == (batch, beam, max_len) and scores.shape == (batch, beam)
+  tops = []
+  for row in range(batch):
+    expected = _enumerate_hypotheses(model, row, vocab, max_len, alpha)[:beam]
+    gaps = -np.diff([s for s, _ in expected])
+    assert gaps.min() > 1e-4, "toy model has near-ties; pick another seed"
+    np.testing.assert_array_equal(seqs[row], [_pad(h, max_len) for _, h in expected])
+    np.testing.assert_allclose(scores[row], [s for s, _ in expected], rtol=1e-5, atol=1e-5)
+    tops.append(expected[0][1])
+  # The rows condition the model differently, so they must not all agree.
+  assert len({tuple(t) for t in tops}) > 1
+
+
+def test_alpha_changes_the_winner():
+  # Guards the test above against a length penalty that is silently ignored.
+  model = PrefixModel(seed=1, vocab=4, max_len=4)
+  best = {a: [_enumerate_hypotheses(model, r, 4, 4, a)[0][1] for r in range(3)]
+          for a in (0.0, 0.6, 3.0)}
+  seqs = {a: decoding.beam_search(
+      model, model.init_cache(3), batch_size=3, beam_size=8, max_decode_len=4,
+      bos_id=BOS, eos_id=EOS, alpha=a)[0][:, 0] for a in (0.0, 3.0)}
+  assert best[0.0] != best[3.0]
+  for a in (0.0, 3.0):
+    np.testing.assert_array_equal(seqs[a], [_pad(h, 4) for h in best[a]])
+
+
+def test_beam_scores_equal_score_sequences_over_length_penalty():
+  vocab, max_len, batch, beam, alpha = 6, 6, 3, 3, 0.6
+  model = PrefixModel(seed=2, vocab=vocab, max_len=max_len, eos_bias=0.5)
+  seqs, scores = decoding.beam_search(
+      model, model.init_cache(batch), batch_size=batch, beam_size=beam,
+      max_decode_len=max_len, bos_id=BOS, eos_id=EOS, alpha=alpha, num_return=beam)
+  _check_eos_padding(seqs)
+  flat = seqs.reshape(batch * beam, max_len)
+  rows = np.repeat(np.arange(batch), beam)
+  cache = {"prefix": jnp.zeros((batch * beam, max_len), jnp.int32),
+           "row": jnp.asarray(rows, jnp.int32), "step": jnp.array(0, jnp.int32)}
+  logprobs = decoding.score_sequences(model, cache, flat, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+  lengths = [len(_unpad(s)) for s in np.asarray(flat)]
+  expected = np.asarray(logprobs) / _penalty(np.asarray(lengths), alpha)
+  np.testing.assert_allclose(scores.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+  # score_sequences itself against the float64 reference.
+  ref = [model.logprob_np(r, _unpad(s)) for r, s in zip(rows, np.asarray(flat))]
+  np.testing.assert_allclose(logprobs, ref, rtol=1e-5, atol=1e-5)
+  assert np.all(np.diff(np.asarray(scores), axis=1) <= 0)  # best first
+  for row in np.asarray(seqs):
+    assert len({tuple(s) for s in row}) == beam  # distinct hypotheses
+
+
+def test_beam_one_equals_greedy_without_eos():
+  model = MarkovModel(seed=3, vocab=6, max_len=5, eos_bias=-1e9)  # EOS never wins
+  cache = model.init_cache(4)
+  greedy = decoding.greedy_search(model, cache, batch_size=4, max_decode_len=5,
+                                  bos_id=BOS, eos_id=EOS)
+  beam, _ = decoding.beam_search(model, cache, batch_size=4, beam_size=1,
+                                 max_decode_len=5, bos_id=BOS, eos_id=EOS)
+  np.testing.assert_array_equal(beam[:, 0], greedy)
+
+
+def test_beam_one_picks_best_of_greedy_path_hypotheses():
+  # With EOS, beam 1 keeps the greedy path alive and also finishes every
+  # "greedy prefix + EOS"; it returns the best of those by score.
+  vocab, max_len, batch, alpha = 5, 6, 4, 0.6
+  model = PrefixModel(seed=4, vocab=vocab, max_len=max_len, eos_bias=1.0)
+  cache = model.init_cache(batch)
+  greedy = np.asarray(decoding.greedy_search(model, cache, batch_size=batch,
+                                             max_decode_len=max_len, bos_id=BOS, eos_id=EOS))
+  seqs, scores = decoding.beam_search(model, cache, batch_size=batch, beam_size=1,
+                                      max_decode_len=max_len, bos_id=BOS, eos_id=EOS,
+                                      alpha=alpha)
+  for row in range(batch):
+    path = _unpad(greedy[row])
+    hyps = [path[:t] + [EOS] for t in range(len(path)) if EOS not in path[:t]]
+    hyps = [h for h in hyps if h != path] + [path]
+    best = max(hyps, key=lambda h: model.logprob_np(row, h) / _penalty(len(h), alpha))
+    np.testing.assert_array_equal(seqs[row, 0], _pad(best, max_len))
+
+
+def test_beam_search_with_prompt():
+  vocab, max_len, alpha = 6, 6, 0.6
+  model = MarkovModel(seed=5, vocab=vocab, max_len=max_len, eos_bias=-1.0)
+  prompt = np.array([[2, 3, 4], [5, 0, 0], [0, 0, 0]], np.int32)
+  plen = [3, 1, 0]
+  seqs, scores = decoding.beam_search(
+      model, model.init_cache(3), batch_size=3, beam_size=2, max_decode_len=max_len,
+      bos_id=BOS, eos_id=EOS, alpha=alpha, num_return=2, prompt=prompt)
+  _check_eos_padding(seqs)
+  for row in range(3):
+    for k in range(2):
+      seq = _unpad(np.asarray(seqs[row, k]))
+      assert seq[:plen[row]] == prompt[row, :plen[row]].tolist()
+      # Prompt tokens count neither in the log-prob nor in the length.
+      expected = (model.logprob_np(seq, start=plen[row])
+                  / _penalty(len(seq) - plen[row], alpha))
+      np.testing.assert_allclose(scores[row, k], expected, rtol=1e-5, atol=1e-5)
+
+
+def _counting(model, counter):
+  def tokens_to_logits(ids, cache):
+    jax.debug.callback(lambda: counter.append(1))
+    return model(ids, cache)
+  return tokens_to_logits
+
+
+def test_loops_stop_early_and_run_under_jit():
+  # EOS is impossible at step 0 and near-certain at step 1, so every search should stop after 2 calls
+  # although max_decode_len is 10.
+  max_len, batch = 10, 3
+  model = MarkovModel(seed=6, vocab=5, max_len=max_len)
+  model.table[0, :, EOS] = -1e9
+  model.table[1, :, EOS] = 30.0
+  counter = []
+  fn = _counting(model, counter)
+  cache = model.init_cache(batch)
+  greedy = jax.jit(functools.partial(
+      decoding.greedy_search, fn, batch_size=batch, max_decode_len=max_len,
+      bos_id=BOS, eos_id=EOS))
+  out = greedy(cache)
+  jax.effects_barrier()
+  assert len(counter) == 2 and out.shape == (batch, max_len)
+  assert np.all(np.asarray(out[:, 1]) == EOS) and np.all(np.asarray(out[:, 2:]) == PAD)
+
+  counter.clear()
+  beam = jax.jit(decoding.beam_search, static_argnums=0, static_argnames=(
+      "batch_size", "beam_size", "max_decode_len", "bos_id", "eos_id", "alpha",
+      "num_return"))
+  seqs, scores = beam(fn, cache, batch_size=batch, beam_size=2, max_decode_len=max_len,
+                      bos_id=BOS, eos_id=EOS, alpha=0.6, num_return=2)
+  jax.effects_barrier()
+  assert len(counter) == 2 and seqs.shape == (batch, 2, max_len)
+  eager = decoding.beam_search(model, cache, batch_size=batch, beam_size=2,
+                               max_decode_len=max_len, bos_id=BOS, eos_id=EOS,
+                               alpha=0.6, num_return=2)
+  np.testing.assert_array_equal(seqs, eager[0])
+  np.testing.assert_allclose(scores, eager[1], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Greedy search, prompts, EOS.
+# ---------------------------------------------------------------------------
+
+
+def _greedy_np(model, max_len, prompt_row=()):
+  out, prev = [], BOS
+  for t in range(max_len):
+    tok = prompt_row[t] if t < len(prompt_row) else int(np.argmax(model.logits_np(t, prev)))
+    out.append(tok)
+    if tok == EOS:
+      break
+    prev = tok
+  return _pad(out, max_len)
+
+
+def test_greedy_matches_reference_and_prompt_is_forced():
+  vocab, max_len = 7, 8
+  model = MarkovModel(seed=7, vocab=vocab, max_len=max_len, eos_bias=-0.5)
+  prompt = np.array([[2, 3, 4, 5, 6], [6, 2, 0, 0, 0], [0, 0, 0, 0, 0],
+                     [3, 3, 3, 3, 3]], np.int32)
+  plens = [5, 2, 0, 5]
+  out = decoding.greedy_search(model, model.init_cache(4), batch_size=4,
+                               max_decode_len=max_len, bos_id=BOS, eos_id=EOS,
+                               prompt=prompt)
+  expected = [_greedy_np(model, max_len, prompt[r, :plens[r]].tolist()) for r in range(4)]
+  np.testing.assert_array_equal(out, expected)
+  # The prompt changes the continuation (else the test above proves little).
+  assert expected[0][5:] != _greedy_np(model, max_len)[5:]
+  no_prompt = decoding.greedy_search(model, model.init_cache(1), batch_size=1,
+                                     max_decode_len=max_len, bos_id=BOS, eos_id=EOS)
+  np.testing.assert_array_equal(no_prompt[0], _greedy_np(model, max_len))
+
+
+def test_after_eos_only_pad():
+  vocab, max_len, batch = 6, 8, 32
+  model = MarkovModel(seed=8, vocab=vocab, max_len=max_len, scale=1.0)
+  cache = model.init_cache(batch)
+  kw = dict(batch_size=batch, max_decode_len=max_len, bos_id=BOS, eos_id=EOS)
+  samples = decoding.sample(model, cache, jax.random.PRNGKey(0), temperature=2.0, **kw)
+  beams, _ = decoding.beam_search(model, cache, beam_size=3, num_return=3, **kw)
+  finished = [EOS in s for s in np.asarray(samples).tolist()]
+  assert any(finished) and not all(finished)  # both cases exercised
+  for seqs in (samples, beams, decoding.greedy_search(model, cache, **kw)):
+    _check_eos_padding(seqs)
+
+
+# ---------------------------------------------------------------------------
+# Sampling.
+# ---------------------------------------------------------------------------
+
+
+def _sample(model, batch, max_len, key, **kw):
+  return np.asarray(decoding.sample(model, model.init_cache(batch), jax.random.PRNGKey(key),
+                                    batch_size=batch, max_decode_len=max_len,
+                                    bos_id=BOS, eos_id=EOS, **kw))
+
+
+def _steps(seqs):
+  """Yields (step, previous token, token) for every generated token."""
+  for seq in seqs.tolist():
+    prev = BOS
+    for t, tok in enumerate(_unpad(seq)):
+      yield t, prev, tok
+      prev = tok
+
+
+def test_sampling_reproducible_and_key_dependent():
+  model = MarkovModel(seed=9, vocab=8, max_len=6, scale=0.5)
+  a = _sample(model, 8, 6, key=0)
+  np.testing.assert_array_equal(a, _sample(model, 8, 6, key=0))
+  assert not np.array_equal(a, _sample(model, 8, 6, key=1))
+
+
+def test_temperature_zero_is_greedy():
+  model = MarkovModel(seed=10, vocab=8, max_len=6)
+  greedy = decoding.greedy_search(model, model.init_cache(4), batch_size=4,
+                                  max_decode_len=6, bos_id=BOS, eos_id=EOS)
+  np.testing.assert_array_equal(_sample(model, 4, 6, key=3, temperature=0.0), greedy)
+
+
+def test_first_step_frequencies_follow_tempered_softmax():
+  model = MarkovModel(seed=11, vocab=5, max_len=1, scale=1.0)
+  temperature = 2.0
+  draws = _sample(model, 4000, 1, key=4, temperature=temperature)[:, 0]
+  freq = np.bincount(draws, minlength=5) / len(draws)
+  expected = np.exp(_log_softmax(model.logits_np(0, BOS) / temperature))
+  np.testing.assert_allclose(freq, expected, atol=0.03)
+
+
+def test_top_k_never_leaves_the_k_most_probable():
+  vocab, max_len, k = 8, 5, 3
+  model = MarkovModel(seed=12, vocab=vocab, max_len=max_len, scale=1.0)
+
+  def outside(seqs):
+    return sum(tok not in np.argsort(-model.logits_np(t, prev))[:k]
+               for t, prev, tok in _steps(seqs))
+
+  assert outside(_sample(model, 64, max_len, key=5, temperature=1.5, top_k=k)) == 0
+  assert outside(_sample(model, 64, max_len, key=5, temperature=1.5)) > 0
+
+
+def test_top_p_never_leaves_the_nucleus():
+  vocab, max_len, p, temperature = 8, 5, 0.6, 1.5
+  model = MarkovModel(seed=13, vocab=vocab, max_len=max_len, scale=1.0)
+
+  def nucleus(t, prev):
+    probs = np.exp(_log_softmax(model.logits_np(t, prev) / temperature))
+    order = np.argsort(-probs)
+    mass_above = np.cumsum(probs[order]) - probs[order]
+    return set(order[mass_above < p].tolist())
+
+  def outside(seqs):
+    return sum(tok not in nucleus(t, prev) for t, prev, tok in _steps(seqs))
+
+  kw = dict(temperature=temperature)
+  assert outside(_sample(model, 64, max_len, key=6, top_p=p, **kw)) == 0
+  assert outside(_sample(model, 64, max_len, key=6, **kw)) > 0
+  # top-k then top-p: the nucleus of the top-2 distribution is within the top 2.
+  both = _sample(model, 64, max_len, key=7, top_k=2, top_p=p, **kw)
+  assert all(tok in np.argsort(-model.logits_np(t, prev))[:2] for t, prev, tok in _steps(both))
+
+
+def test_sample_with_prompt_and_jit():
+  model = MarkovModel(seed=14, vocab=6, max_len=6, eos_bias=-2.0)
+  prompt = np.array([[2, 3], [4, 0]], np.int32)
+  fn = jax.jit(functools.partial(decoding.sample, model, batch_size=2, max_decode_len=6,
+                                 bos_id=BOS, eos_id=EOS, top_k=3))
+  out = np.asarray(fn(model.init_cache(2), jax.random.PRNGKey(8), prompt=prompt))
+  assert out[0, :2].tolist() == [2, 3] and out[1, 0] == 4
+  eager = _sample(model, 2, 6, key=8, top_k=3, prompt=prompt)
+  np.testing.assert_array_equal(out, eager)
+
+
+# ---------------------------------------------------------------------------
+# Errors.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beam_size=0), "beam_size=0"),
+    (dict(num_return=3), "num_return=3 must be <= beam_size=2"),
+    (dict(max_decode_len=0), "max_decode_len=0"),
+    (dict(prompt=np.ones((2, 5), np.int32)), "prompt_len=5 .* max_decode_len=4"),
+])
+def test_beam_search_errors(kwargs, match):
+  model = MarkovModel(seed=0, vocab=4, max_len=4)
+  args = dict(batch_size=2, beam_size=2, max_decode_len=4, bos_id=BOS, eos_id=EOS)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    decoding.beam_search(model, model.init_cache(2), **args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(top_k=-1), "top_k=-1"),
+    (dict(max_decode_len=0), "max_decode_len=0"),
+    (dict(prompt=np.ones((2, 5), np.int32)), "prompt_len=5 .* max_decode_len=4"),
+])
+def test_sample_errors(kwargs, match):
+  model = MarkovModel(seed=0, vocab=4, max_len=4)
+  args = dict(batch_size=2, max_decode_len=4, bos_id=BOS, eos_id=EOS)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    decoding.sample(model, model.init_cache(2), jax.random.PRNGKey(0), **args)
+
+
+def test_cache_batch_axis_is_checked():
+  model = MarkovModel(seed=0, vocab=4, max_len=4)
+  with pytest.raises(ValueError, match=r"\['prev'\].*batch_size=3.*\(2,\)"):
+    decoding.greedy_search(model, model.init_cache(2), batch_size=3, max_decode_len=4,
+                           bos_id=BOS, eos_id=EOS)
