@@ -1,0 +1,444 @@
+"""BERT: a post-LN encoder with learned positions and token types, composed from the core.
+
+What is BERT-specific lives here; everything else is the core:
+
+  embeddings   word + learned position (`LearnedPositions`) + token type, LayerNorm, dropout
+  encoder      ``num_encoder_layers`` x core `EncoderLayer` (post-LN, exact-erf GELU)
+  pooler       dense + tanh on the [CLS] (first) token
+  heads        masked-LM (transform + GELU + LayerNorm, decoder tied to the word embedding,
+               own bias) and sequence classification (dropout + dense on the pooled output)
+
+`load_hf_bert` imports a Hugging Face ``BertModel`` / ``BertForMaskedLM`` checkpoint
+(``model.safetensors`` + ``config.json``) into this module's parameter tree.
+
+Shapes: ``b`` batch, ``l`` length, ``d`` d_model, ``h`` heads, ``k`` head_dim, ``v`` vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from flaxformer_mini.config import TransformerConfig
+from flaxformer_mini.layers import ACTIVATIONS, EncoderLayer, make_norm
+from flaxformer_mini.positions import LearnedPositions
+
+Array = jax.Array
+
+# Hugging Face ``hidden_act`` -> our ``ffn_activation``.
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                   "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def bert_encoder_config(**overrides) -> TransformerConfig:
+  """The `TransformerConfig` of a BERT encoder: post-LN, GELU (erf), LayerNorm eps 1e-12.
+
+  Defaults are BERT-base; pass any `TransformerConfig` field to override.
+  """
+  fields = dict(vocab_size=30522, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12,
+                num_decoder_layers=0, dropout_rate=0.1, attention_dropout_rate=0.1, max_len=512,
+                norm_placement="post", norm_kind="layernorm", norm_eps=1e-12,
+                position_kind="learned", ffn_activation="gelu", scale_embeddings=False,
+                pad_id=0)
+  fields.update(overrides)
+  return TransformerConfig(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """A `TransformerConfig` for the encoder stack plus what only BERT has.
+
+  Attributes:
+    encoder: the stack; ``max_len`` is the position table size
+      (HF ``max_position_embeddings``), ``pad_id`` the [PAD] id.
+    type_vocab_size: rows of the token-type (segment A/B) embedding.
+    pooler: whether the model has the [CLS] pooler (dense + tanh).
+    num_labels: classes of the sequence-classification head.
+  """
+
+  encoder: TransformerConfig = dataclasses.field(default_factory=bert_encoder_config)
+  type_vocab_size: int = 2
+  pooler: bool = True
+  num_labels: int = 2
+
+  def __post_init__(self):
+    enc = self.encoder
+    if not isinstance(enc, TransformerConfig):
+      raise TypeError(f"BertConfig.encoder must be a TransformerConfig, got {type(enc).__name__}")
+    if enc.position_kind != "learned":
+      raise ValueError(f"BERT uses learned absolute positions: encoder.position_kind must be "
+                       f"'learned', got {enc.position_kind!r}")
+    if enc.scale_embeddings:
+      raise ValueError("BERT does not scale embeddings by sqrt(d_model): "
+                       "encoder.scale_embeddings must be False")
+    if enc.num_kv_heads not in (None, enc.num_heads) or enc.ffn_gated or enc.fused_qkv:
+      raise ValueError("BERT has plain multi-head attention and an ungated FFN with separate "
+                       "query/key/value: num_kv_heads, ffn_gated and fused_qkv must be unset")
+    for key in ("type_vocab_size", "num_labels"):
+      if int(getattr(self, key)) < 1:
+        raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
+    """From a mapping like ``{"encoder": {...TransformerConfig fields}, "num_labels": 3}``.
+
+    The ``encoder`` block overrides `bert_encoder_config` defaults; unknown keys are an error.
+    """
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown BERT config key(s) {unknown}; valid keys: {sorted(names)}")
+    enc = dict(bert_encoder_config().__dict__)
+    enc.update(dict(d.pop("encoder", {})))
+    return cls(encoder=TransformerConfig.from_dict(enc), **d)
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "BertConfig":
+    """From a Hugging Face ``config.json`` dict (``model_type`` "bert")."""
+    if hf.get("model_type", "bert") != "bert":
+      raise ValueError(f"expected a BERT config.json (model_type 'bert'), got "
+                       f"model_type={hf.get('model_type')!r}")
+    pos = hf.get("position_embedding_type", "absolute")
+    if pos != "absolute":
+      raise ValueError(f"position_embedding_type={pos!r} is not supported (only 'absolute')")
+    act = hf.get("hidden_act", "gelu")
+    if act not in _HF_ACTIVATIONS:
+      raise ValueError(f"hidden_act={act!r} is not one of {sorted(_HF_ACTIVATIONS)}")
+    try:
+      encoder = bert_encoder_config(
+          vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+          num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
+          num_encoder_layers=hf["num_hidden_layers"],
+          dropout_rate=hf.get("hidden_dropout_prob", 0.1),
+          attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.1),
+          max_len=hf.get("max_position_embeddings", 512),
+          norm_eps=hf.get("layer_norm_eps", 1e-12), ffn_activation=_HF_ACTIVATIONS[act],
+          pad_id=hf.get("pad_token_id", 0) or 0)
+    except KeyError as e:
+      raise ValueError(f"config.json lacks required BERT key {e.args[0]!r}") from None
+    fields = dict(type_vocab_size=hf.get("type_vocab_size", 2),
+                  num_labels=len(hf["id2label"]) if "id2label" in hf else 2)
+    fields.update(overrides)
+    return cls(encoder=encoder, **fields)
+
+
+# ---------------------------------------------------------------------------
+# Modules.
+# ---------------------------------------------------------------------------
+
+
+def _embed(cfg: TransformerConfig, num: int, name: str) -> nn.Embed:
+  return nn.Embed(num, cfg.d_model, embedding_init=nn.initializers.normal(stddev=0.02),
+                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+
+
+def attention_mask_to_bool(attention_mask: Array) -> Array:
+  """[batch, length] 0/1 (1 = real token) -> [batch, 1, 1, length] bool key mask.
+
+  Only keys are masked, as in Hugging Face: pad *queries* still get (ignored) outputs.
+  """
+  if attention_mask.ndim != 2:
+    raise ValueError(f"expected attention_mask [batch, length], got {attention_mask.shape}")
+  return attention_mask.astype(bool)[:, None, None, :]
+
+
+class BertEmbeddings(nn.Module):
+  """word + position + token-type embeddings -> LayerNorm -> dropout."""
+
+  cfg: BertConfig
+
+  def setup(self):
+    enc = self.cfg.encoder
+    self.word_embeddings = _embed(enc, enc.vocab_size, "word_embeddings")
+    self.position_embeddings = LearnedPositions(enc.max_len, enc.d_model, enc.param_dtype,
+                                                name="position_embeddings")
+    self.token_type_embeddings = _embed(enc, self.cfg.type_vocab_size, "token_type_embeddings")
+    self.norm = make_norm(enc, "norm")
+    self.dropout = nn.Dropout(enc.dropout_rate)
+
+  def __call__(self, input_ids: Array, token_type_ids: Array, positions: Array, *,
+               deterministic: bool = True) -> Array:
+    """input_ids, token_type_ids, positions: [b, l] int -> [b, l, d] in the compute dtype."""
+    x = (self.word_embeddings(input_ids).astype(jnp.float32)
+         + self.position_embeddings(positions).astype(jnp.float32)
+         + self.token_type_embeddings(token_type_ids).astype(jnp.float32))
+    x = self.dropout(self.norm(x), deterministic=deterministic)
+    return x.astype(self.cfg.encoder.dtype)
+
+
+class BertModel(nn.Module):
+  """The BERT encoder (+ pooler): Hugging Face ``BertModel``.
+
+  Params: ``embeddings``, ``layer_0`` .. ``layer_{n-1}`` (core `EncoderLayer`), ``pooler``.
+
+  Example:
+    >>> cfg = BertConfig(bert_encoder_config(vocab_size=100, d_model=32, num_heads=4, d_ff=64,
+    ...                                      num_encoder_layers=2, max_len=16))
+    >>> ids = jnp.array([[2, 5, 7, 0]])
+    >>> params = BertModel(cfg).init(jax.random.key(0), ids)["params"]
+    >>> hidden, pooled = BertModel(cfg).apply({"params": params}, ids)
+    >>> hidden.shape, pooled.shape
+    ((1, 4, 32), (1, 32))
+  """
+
+  cfg: BertConfig
+
+  def setup(self):
+    enc = self.cfg.encoder
+    self.embeddings = BertEmbeddings(self.cfg)
+    self.layers = [EncoderLayer(enc, name=f"layer_{i}") for i in range(enc.num_encoder_layers)]
+    if self.cfg.pooler:
+      self.pooler = nn.Dense(enc.d_model, dtype=enc.dtype, param_dtype=enc.param_dtype,
+                             name="pooler")
+
+  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               token_type_ids: Optional[Array] = None, positions: Optional[Array] = None, *,
+               deterministic: bool = True) -> Tuple[Array, Optional[Array]]:
+    """Encodes a batch.
+
+    Args:
+      input_ids: [b, l] int token ids.
+      attention_mask: [b, l] 0/1, 1 = real token; default ``input_ids != pad_id``.
+      token_type_ids: [b, l] int segment ids; default zeros.
+      positions: [b, l] int; default 0..l-1.
+      deterministic: disables dropout.
+
+    Returns:
+      (hidden [b, l, d] last-layer states, pooled [b, d] = tanh(dense(hidden[:, 0])),
+      or None without a pooler).
+    """
+    enc = self.cfg.encoder
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"expected integer input_ids [batch, length], got shape "
+                       f"{input_ids.shape} dtype {input_ids.dtype}")
+    if input_ids.shape[1] > enc.max_len:
+      raise ValueError(f"input length {input_ids.shape[1]} exceeds max_len={enc.max_len} "
+                       f"(max_position_embeddings)")
+    for name, arr in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                      ("positions", positions)):
+      if arr is not None and arr.shape != input_ids.shape:
+        raise ValueError(f"expected {name} of shape {input_ids.shape} like input_ids, "
+                         f"got {arr.shape}")
+    if attention_mask is None:
+      attention_mask = input_ids != enc.pad_id
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    x = self.embeddings(input_ids, token_type_ids, positions, deterministic=deterministic)
+    mask = attention_mask_to_bool(attention_mask)
+    for layer in self.layers:
+      x = layer(x, mask, deterministic=deterministic)
+    pooled = jnp.tanh(self.pooler(x[:, 0])) if self.cfg.pooler else None
+    return x, pooled
+
+  def attend_words(self, x: Array) -> Array:
+    """x: [..., d] -> [..., v]: x · word_embeddingᵀ (the tied MLM decoder)."""
+    return self.embeddings.word_embeddings.attend(x)
+
+
+class BertForMaskedLM(nn.Module):
+  """BERT + masked-LM head. Params: ``bert``, ``mlm`` {transform, transform_norm, bias}."""
+
+  cfg: BertConfig
+
+  def setup(self):
+    enc = self.cfg.encoder
+    self.bert = BertModel(self.cfg)
+    self.mlm = MaskedLMHead(enc, name="mlm")
+
+  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               token_type_ids: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+    """input_ids etc. as `BertModel` -> [b, l, v] float32 logits."""
+    hidden, _ = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+    return self.mlm(hidden, self.bert.attend_words)
+
+
+class MaskedLMHead(nn.Module):
+  """dense -> activation -> LayerNorm -> tied decoder (``attend``) + per-token bias."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array, attend: Callable[[Array], Array]) -> Array:
+    """hidden: [b, l, d]; attend: [b, l, d] -> [b, l, v]. Returns [b, l, v] float32."""
+    cfg = self.cfg
+    x = nn.Dense(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                 name="transform")(hidden)
+    x = make_norm(cfg, "transform_norm")(ACTIVATIONS[cfg.ffn_activation](x))
+    bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.param_dtype)
+    return attend(x).astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+class BertForSequenceClassification(nn.Module):
+  """BERT + pooler + dropout + dense. Params: ``bert``, ``classifier``."""
+
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               token_type_ids: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+    """input_ids etc. as `BertModel` -> [b, num_labels] float32 logits."""
+    if not self.cfg.pooler:
+      raise ValueError("sequence classification needs the pooler: BertConfig.pooler=False")
+    enc = self.cfg.encoder
+    _, pooled = BertModel(self.cfg, name="bert")(input_ids, attention_mask, token_type_ids,
+                                                  deterministic=deterministic)
+    pooled = nn.Dropout(enc.dropout_rate)(pooled, deterministic=deterministic)
+    logits = nn.Dense(self.cfg.num_labels, dtype=enc.dtype, param_dtype=enc.param_dtype,
+                      name="classifier")(pooled)
+    return logits.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face checkpoint import.
+# ---------------------------------------------------------------------------
+
+# Tensors that carry no parameters: buffers, and the MLM decoder tied to the word embedding.
+_IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight",
+            "cls.predictions.decoder.bias")
+
+
+_HEADS = {None: None, "mlm": "cls.", "classification": "classifier."}  # head -> HF prefix
+
+
+def _hf_spec(cfg: BertConfig, head: Optional[str]) -> Iterator[Tuple[str, Tuple[str, ...], Tuple[int, ...], Callable]]:
+  """Yields (HF tensor name, our param path, expected HF shape, HF -> ours conversion)."""
+  enc = cfg.encoder
+  d, h, k, f = enc.d_model, enc.num_heads, enc.head_size, enc.d_ff
+  same = lambda w: w
+  t = lambda w: w.T                                    # torch Linear [out, in] -> kernel [in, out]
+
+  def norm(hf: str, ours: Tuple[str, ...]):
+    yield f"{hf}.weight", ours + ("scale",), (d,), same
+    yield f"{hf}.bias", ours + ("bias",), (d,), same
+
+  def dense(hf: str, ours: Tuple[str, ...], n_in: int, n_out: int):
+    yield f"{hf}.weight", ours + ("kernel",), (n_out, n_in), t
+    yield f"{hf}.bias", ours + ("bias",), (n_out,), same
+
+  yield "embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"), (enc.vocab_size, d), same
+  yield "embeddings.position_embeddings.weight", ("embeddings", "position_embeddings", "embedding"), (enc.max_len, d), same
+  yield "embeddings.token_type_embeddings.weight", ("embeddings", "token_type_embeddings", "embedding"), (cfg.type_vocab_size, d), same
+  yield from norm("embeddings.LayerNorm", ("embeddings", "norm"))
+  for i in range(enc.num_encoder_layers):
+    hf, ours = f"encoder.layer.{i}", (f"layer_{i}",)
+    for name in ("query", "key", "value"):
+      # [h*k, d] -> kernel [d, h, k]; bias [h*k] -> [h, k].
+      yield (f"{hf}.attention.self.{name}.weight", ours + ("self_attention", name, "kernel"),
+             (h * k, d), lambda w: w.T.reshape(d, h, k))
+      yield (f"{hf}.attention.self.{name}.bias", ours + ("self_attention", name, "bias"),
+             (h * k,), lambda b: b.reshape(h, k))
+    yield (f"{hf}.attention.output.dense.weight", ours + ("self_attention", "out", "kernel"),
+           (d, h * k), lambda w: w.T.reshape(h, k, d))
+    yield f"{hf}.attention.output.dense.bias", ours + ("self_attention", "out", "bias"), (d,), same
+    yield from norm(f"{hf}.attention.output.LayerNorm", ours + ("norm_attention",))
+    yield from dense(f"{hf}.intermediate.dense", ours + ("ffn", "wi"), d, f)
+    yield from dense(f"{hf}.output.dense", ours + ("ffn", "wo"), f, d)
+    yield from norm(f"{hf}.output.LayerNorm", ours + ("norm_ffn",))
+  if cfg.pooler:
+    yield from dense("pooler.dense", ("pooler",), d, d)
+  if head == "mlm":
+    yield from dense("cls.predictions.transform.dense", ("mlm", "transform"), d, d)
+    yield from norm("cls.predictions.transform.LayerNorm", ("mlm", "transform_norm"))
+    yield "cls.predictions.bias", ("mlm", "bias"), (enc.vocab_size,), same
+  elif head == "classification":
+    yield from dense("classifier", ("classifier",), d, cfg.num_labels)
+
+
+def _resolve(path_or_dir: str) -> Tuple[str, str]:
+  """-> (safetensors file, config.json) from a directory or the safetensors path."""
+  path = os.fspath(path_or_dir)
+  if os.path.isdir(path):
+    weights, config = os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")
+  else:
+    weights, config = path, os.path.join(os.path.dirname(path), "config.json")
+  for what, p in (("weights", weights), ("config", config)):
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"BERT checkpoint {what} file not found: {p}")
+  return weights, config
+
+
+def convert_hf_bert(tensors: Mapping[str, np.ndarray], cfg: BertConfig, *,
+                    head: Optional[str] = None) -> Dict[str, Any]:
+  """Maps HF BERT tensors (names as in ``BertModel.state_dict()``) to our param tree.
+
+  Args:
+    tensors: name -> array. A ``bert.`` prefix (``BertFor*`` checkpoints) is stripped.
+    cfg: the model the params are for; tensor shapes are checked against it.
+    head: None -> the `BertModel` tree (head tensors ``cls.*`` / ``classifier.*``
+      are skipped); "mlm" -> the `BertForMaskedLM` tree ``{"bert", "mlm"}`` from
+      ``cls.predictions.*``; "classification" -> the `BertForSequenceClassification`
+      tree ``{"bert", "classifier"}`` from ``classifier.*``.
+
+  Returns:
+    A nested dict of float32 numpy arrays.
+
+  Raises:
+    KeyError: a tensor the config needs is missing (named), or one is unexpected (named).
+    ValueError: a tensor's shape does not match the config (named, with both shapes).
+  """
+  if head not in _HEADS:
+    raise ValueError(f"head={head!r} is not one of {sorted(_HEADS, key=str)}")
+  tensors = {(n[len("bert."):] if n.startswith("bert.") else n): v for n, v in tensors.items()}
+  params: Dict[str, Any] = {}
+  used = set()
+  for hf_name, path, shape, convert in _hf_spec(cfg, head):
+    if hf_name not in tensors:
+      raise KeyError(f"missing tensor {hf_name!r} (for params{''.join(f'[{p!r}]' for p in path)}) "
+                     f"in the BERT checkpoint")
+    value = np.asarray(tensors[hf_name])
+    if tuple(value.shape) != shape:
+      raise ValueError(f"tensor {hf_name!r} has shape {tuple(value.shape)}, expected {shape} "
+                       f"from the config (d_model={cfg.encoder.d_model}, "
+                       f"num_heads={cfg.encoder.num_heads}, d_ff={cfg.encoder.d_ff}, "
+                       f"vocab_size={cfg.encoder.vocab_size}, max_len={cfg.encoder.max_len})")
+    node = params
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = np.asarray(convert(value), np.float32)
+    used.add(hf_name)
+  skipped = tuple(prefix for h, prefix in _HEADS.items() if prefix and h != head)
+  unexpected = sorted(n for n in tensors if n not in used and n not in _IGNORED
+                      and not n.startswith(skipped))
+  if unexpected:
+    raise KeyError(f"unexpected tensor(s) in the BERT checkpoint: {unexpected[:5]}"
+                   f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
+  if head is not None:
+    name = {"mlm": "mlm", "classification": "classifier"}[head]
+    params = {"bert": {k: v for k, v in params.items() if k != name}, name: params[name]}
+  return params
+
+
+def load_hf_bert(path_or_dir: str, *, head: Optional[str] = None,
+                 **config_overrides) -> Tuple[BertConfig, Dict[str, Any]]:
+  """Loads a Hugging Face BERT checkpoint: ``model.safetensors`` + ``config.json``.
+
+  Args:
+    path_or_dir: the checkpoint directory, or its ``model.safetensors`` (with
+      ``config.json`` beside it).
+    head: None, "mlm" or "classification": which head to load too (see `convert_hf_bert`).
+    **config_overrides: `BertConfig` fields to set (e.g. ``num_labels``).
+
+  Returns:
+    (config, params): ``BertModel(config).apply({"params": params}, ids, mask)``
+    (or the `BertForMaskedLM` / `BertForSequenceClassification` tree for ``head``). The pooler is enabled iff the
+    checkpoint has ``pooler.dense.*`` tensors.
+  """
+  from safetensors.numpy import load_file  # only needed for import
+  weights, config_path = _resolve(path_or_dir)
+  with open(config_path) as fp:
+    hf = json.load(fp)
+  tensors = load_file(weights)
+  has_pooler = any(n.endswith("pooler.dense.weight") for n in tensors)
+  config_overrides.setdefault("pooler", has_pooler)
+  cfg = BertConfig.from_hf(hf, **config_overrides)
+  return cfg, convert_hf_bert(tensors, cfg, head=head)
