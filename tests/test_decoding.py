@@ -116,6 +116,14 @@ class PrefixModel:
     return total
 
 
+def _counting(model, counter):
+  """Wraps a model to count its calls on the host (works under jit and while_loop)."""
+  def tokens_to_logits(ids, cache):
+    jax.debug.callback(lambda: counter.append(1))
+    return model(ids, cache)
+  return tokens_to_logits
+
+
 def _pad(tokens, length):
   return list(tokens) + [PAD] * (length - len(tokens))
 
@@ -222,23 +230,47 @@ def test_beam_one_equals_greedy_without_eos():
   np.testing.assert_array_equal(beam[:, 0], greedy)
 
 
-def test_beam_one_picks_best_of_greedy_path_hypotheses():
-  # With EOS, beam 1 keeps the greedy path alive and also finishes every
-  # "greedy prefix + EOS"; it returns the best of those by score.
-  vocab, max_len, batch, alpha = 5, 6, 4, 0.6
+def _beam_search_np(model, row, max_len, beam, alpha):
+  """Float64 reference of the documented algorithm, without early stopping.
+
+  Per step: the top 2*beam extensions by log-prob; those ending in EOS (all of
+  them at the last step) join the finished pool, which keeps the best `beam` by
+  score; the best `beam` others stay live.
+  """
+  live, finished = [(0.0, [])], []
+  for t in range(max_len):
+    cands = [(lp + logp, seq + [tok])
+             for lp, seq in live
+             for tok, logp in enumerate(_log_softmax(model.logits_np(row, [BOS] + seq)))]
+    cands = sorted(cands, key=lambda c: -c[0])[:2 * beam]
+    finished += [(lp / _penalty(len(seq), alpha), seq) for lp, seq in cands
+                 if seq[-1] == EOS or t == max_len - 1]
+    finished = sorted(finished, key=lambda c: -c[0])[:beam]
+    live = [c for c in cands if c[1][-1] != EOS][:beam]
+  return finished
+
+
+def test_beam_search_matches_reference_and_stops_early():
+  # Narrow beams on a 7-step space: checks the bookkeeping (top 2*beam, EOS
+  # handling, finished pool, early stop) against the reference, which never
+  # stops early, so a too-eager stopping rule changes the answer.
+  vocab, max_len, batch = 5, 7, 4
   model = PrefixModel(seed=4, vocab=vocab, max_len=max_len, eos_bias=1.0)
-  cache = model.init_cache(batch)
-  greedy = np.asarray(decoding.greedy_search(model, cache, batch_size=batch,
-                                             max_decode_len=max_len, bos_id=BOS, eos_id=EOS))
-  seqs, scores = decoding.beam_search(model, cache, batch_size=batch, beam_size=1,
-                                      max_decode_len=max_len, bos_id=BOS, eos_id=EOS,
-                                      alpha=alpha)
-  for row in range(batch):
-    path = _unpad(greedy[row])
-    hyps = [path[:t] + [EOS] for t in range(len(path)) if EOS not in path[:t]]
-    hyps = [h for h in hyps if h != path] + [path]
-    best = max(hyps, key=lambda h: model.logprob_np(row, h) / _penalty(len(h), alpha))
-    np.testing.assert_array_equal(seqs[row, 0], _pad(best, max_len))
+  steps_taken = []
+  for beam, alpha in [(1, 0.6), (2, 0.0), (2, 2.0), (3, 0.6)]:
+    counter = []
+    seqs, scores = decoding.beam_search(
+        _counting(model, counter), model.init_cache(batch), batch_size=batch,
+        beam_size=beam, max_decode_len=max_len, bos_id=BOS, eos_id=EOS, alpha=alpha,
+        num_return=beam)
+    jax.effects_barrier()
+    steps_taken.append(len(counter))
+    for row in range(batch):
+      expected = _beam_search_np(model, row, max_len, beam, alpha)
+      np.testing.assert_array_equal(seqs[row], [_pad(h, max_len) for _, h in expected])
+      np.testing.assert_allclose(scores[row], [s for s, _ in expected], rtol=1e-5, atol=1e-5)
+  # The comparison only guards the stopping rule if some run did stop early.
+  assert min(steps_taken) < max_len, steps_taken
 
 
 def test_beam_search_with_prompt():
@@ -258,13 +290,6 @@ def test_beam_search_with_prompt():
       expected = (model.logprob_np(seq, start=plen[row])
                   / _penalty(len(seq) - plen[row], alpha))
       np.testing.assert_allclose(scores[row, k], expected, rtol=1e-5, atol=1e-5)
-
-
-def _counting(model, counter):
-  def tokens_to_logits(ids, cache):
-    jax.debug.callback(lambda: counter.append(1))
-    return model(ids, cache)
-  return tokens_to_logits
 
 
 def test_loops_stop_early_and_run_under_jit():
@@ -381,12 +406,22 @@ def test_temperature_zero_is_greedy():
   np.testing.assert_array_equal(_sample(model, 4, 6, key=3, temperature=0.0), greedy)
 
 
-def test_first_step_frequencies_follow_tempered_softmax():
-  model = MarkovModel(seed=11, vocab=5, max_len=1, scale=1.0)
-  temperature = 2.0
-  draws = _sample(model, 4000, 1, key=4, temperature=temperature)[:, 0]
-  freq = np.bincount(draws, minlength=5) / len(draws)
-  expected = np.exp(_log_softmax(model.logits_np(0, BOS) / temperature))
+@pytest.mark.parametrize("temperature, top_k, top_p, kept", [
+    (2.0, 0, 1.0, [0, 1, 2, 3, 4, 5]),
+    (1.0, 2, 1.0, [4, 5]),        # the 2 largest logits
+    (1.5, 0, 0.7, [3, 4, 5]),     # nucleus at temperature 1.5
+    (1.5, 2, 0.5, [5]),           # top-p of the renormalized top-2 (not [4, 5])
+])
+def test_first_step_frequencies_follow_filtered_softmax(temperature, top_k, top_p, kept):
+  # First-step logits of token i >= 1 are set to 0.7 * i (PAD stays -1e9), so the
+  # expected kept sets are known by hand; frequencies must then match the
+  # renormalized tempered softmax over exactly those tokens.
+  model = MarkovModel(seed=11, vocab=6, max_len=1)
+  model.table[0, BOS, 1:] = 0.7 * np.arange(1, 6)
+  draws = _sample(model, 4000, 1, key=4, temperature=temperature, top_k=top_k, top_p=top_p)
+  freq = np.bincount(draws[:, 0], minlength=6) / len(draws)
+  expected = np.zeros(6)
+  expected[kept] = np.exp(_log_softmax(model.table[0, BOS, kept] / temperature))
   np.testing.assert_allclose(freq, expected, atol=0.03)
 
 
