@@ -1,0 +1,173 @@
+"""Decode speed of flaxformer_mini vs Hugging Face `FlaxMarianMTModel.generate`.
+
+Same model sizes as `train_throughput.MODEL` (random weights), batch 8, source
+length 64, exactly 64 new tokens per row, greedy and beam 4. One timed call is the
+whole decode under one ``jax.jit``: encoder, cache initialisation and the
+64-step loop. Output tokens/s = batch * 64 / median call time.
+
+Forcing 64 tokens (no early EOS):
+  ours: ``eos_id=-1``, an id outside [0, vocab), so no chosen token ever equals it
+    and no row or beam finishes before ``max_decode_len``;
+  HF:   ``min_length = max_length = 1 + 64`` (the decoder start token counts), so
+    the min-length processor sets the EOS logit to -inf at every step;
+    ``early_stopping=False``. Both are checked on the outputs.
+
+    python benchmarks/decode_speed.py                  # full run
+    python benchmarks/decode_speed.py --quick          # smoke run (< 1 min)
+    python benchmarks/decode_speed.py --systems ours --out /tmp/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (also puts the repo root on sys.path)
+from train_throughput import BOS_ID, EOS_ID, MODEL, PAD_ID, marian_config  # noqa: E402
+
+DECODE = dict(batch_size=8, src_len=64, new_tokens=64, beam_size=4)
+NEVER_EMITTED_EOS = -1  # outside [0, vocab): our searches can never finish early
+
+
+def make_inputs(seed: int = 0) -> np.ndarray:
+  """[batch, src_len] random source ids in [3, vocab), no padding."""
+  rng = np.random.RandomState(seed)
+  return rng.randint(3, MODEL["vocab_size"],
+                     size=(DECODE["batch_size"], DECODE["src_len"])).astype(np.int32)
+
+
+def make_ours(inputs: np.ndarray):
+  """Returns {name: step} for our greedy and beam-4 decodes (whole decode jitted)."""
+  import jax
+  import jax.numpy as jnp
+  from flaxformer_mini import Transformer, TransformerConfig, decoding, seq2seq_decoding_fns
+
+  model = Transformer(TransformerConfig(**MODEL))
+  src = jnp.asarray(inputs)
+  params = jax.jit(model.init)(jax.random.key(0), src[:1], src[:1])["params"]
+  b, n, k = DECODE["batch_size"], DECODE["new_tokens"], DECODE["beam_size"]
+  common_kw = dict(batch_size=b, max_decode_len=n, bos_id=BOS_ID, eos_id=NEVER_EMITTED_EOS,
+                   pad_id=PAD_ID)
+
+  @jax.jit
+  def greedy(params, src):
+    t2l, cache = seq2seq_decoding_fns(model, params, src, n)
+    return decoding.greedy_search(t2l, cache, **common_kw)
+
+  @jax.jit
+  def beam(params, src):
+    t2l, cache = seq2seq_decoding_fns(model, params, src, n)
+    seqs, _ = decoding.beam_search(t2l, cache, beam_size=k, num_return=1, **common_kw)
+    return seqs[:, 0]
+
+  def check(seqs):
+    seqs = np.asarray(seqs)
+    if seqs.shape != (b, n):
+      raise AssertionError(f"ours: expected [{b}, {n}] tokens, got {seqs.shape}")
+    return seqs
+
+  return {"ours_greedy": (lambda: check(jax.block_until_ready(greedy(params, src)))),
+          "ours_beam4": (lambda: check(jax.block_until_ready(beam(params, src))))}
+
+
+def make_hf(inputs: np.ndarray):
+  """Returns {name: step} for HF FlaxMarianMTModel.generate, greedy and beam 4, jitted."""
+  import jax
+  import jax.numpy as jnp
+  from transformers import FlaxMarianMTModel
+
+  model = FlaxMarianMTModel(marian_config(), seed=0, dtype=jnp.float32)
+  src = jnp.asarray(inputs)
+  mask = src != PAD_ID
+  b, n, k = DECODE["batch_size"], DECODE["new_tokens"], DECODE["beam_size"]
+
+  def generate(params, src, mask, num_beams):
+    return model.generate(src, attention_mask=mask, params=params, max_new_tokens=n,
+                          min_length=n + 1, num_beams=num_beams, do_sample=False,
+                          early_stopping=False, num_return_sequences=1).sequences
+
+  greedy = jax.jit(functools.partial(generate, num_beams=1))
+  beam = jax.jit(functools.partial(generate, num_beams=k))
+
+  def check(seqs):
+    seqs = np.asarray(seqs)
+    if seqs.shape != (b, n + 1):
+      raise AssertionError(f"hf: expected [{b}, {n + 1}] (start token + {n}), got {seqs.shape}")
+    if (seqs[:, 1:] == EOS_ID).any():
+      raise AssertionError("hf: an EOS was generated although min_length forbids it")
+    return seqs
+
+  params = model.params
+  return {"hf_greedy": (lambda: check(jax.block_until_ready(greedy(params, src, mask)))),
+          "hf_beam4": (lambda: check(jax.block_until_ready(beam(params, src, mask))))}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="1 warmup + 1x2 timed calls (smoke run)")
+  p.add_argument("--systems", default="ours,hf", help="comma-separated subset of ours,hf")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--steps-per-round", type=int, default=4)
+  p.add_argument("--out", default="", help="write the JSON result here")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.warmup, args.rounds, args.steps_per_round = 1, 1, 2
+  systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+  unknown = set(systems) - {"ours", "hf"}
+  if unknown:
+    p.error(f"--systems: unknown {sorted(unknown)}; expected a subset of ours,hf")
+
+  info = common.machine_info()
+  config = {"model": MODEL, "decode": DECODE, "dtype": "float32",
+            "forcing": {"ours": f"eos_id={NEVER_EMITTED_EOS} (never emitted)",
+                        "hf": f"min_length=max_length={DECODE['new_tokens'] + 1}, "
+                              "early_stopping=False"},
+            "warmup": args.warmup, "rounds": args.rounds,
+            "steps_per_round": args.steps_per_round}
+  common.print_header("decode_speed", info, config)
+
+  inputs = make_inputs()
+  builders = {"ours": make_ours, "hf": make_hf}
+  steps, compile_s = {}, {}
+  for system in systems:
+    for name, step in builders[system](inputs).items():
+      t0 = time.perf_counter()
+      step()  # compile
+      compile_s[name] = time.perf_counter() - t0
+      for _ in range(args.warmup):
+        step()
+      steps[name] = step
+      print(f"  built {name} (compile + first call {compile_s[name]:.1f} s)")
+      sys.stdout.flush()
+
+  times = common.interleaved(steps, rounds=args.rounds, steps_per_round=args.steps_per_round)
+  tokens = DECODE["batch_size"] * DECODE["new_tokens"]
+  results = {}
+  print(f"\n{'system':>12} {'call median':>12} {'IQR':>9} {'out tok/s':>10} {'tok/s IQR range':>17}")
+  for name in steps:
+    s = common.summarize(times[name])
+    r = dict(s, compile_and_first_call_s=compile_s[name], tokens_per_s=tokens / s["median_s"],
+             tokens_per_s_q1_q3=[tokens / s["q3_s"], tokens / s["q1_s"]], times_s=times[name])
+    results[name] = r
+    print(f"{name:>12} {s['median_s'] * 1e3:10.1f}ms {s['iqr_s'] * 1e3:7.1f}ms "
+          f"{r['tokens_per_s']:10.0f} {r['tokens_per_s_q1_q3'][0]:8.0f}-"
+          f"{r['tokens_per_s_q1_q3'][1]:<8.0f}")
+  summary = {}
+  for mode in ("greedy", "beam4"):
+    if f"ours_{mode}" in results and f"hf_{mode}" in results:
+      ratio = results[f"ours_{mode}"]["tokens_per_s"] / results[f"hf_{mode}"]["tokens_per_s"]
+      summary[f"ours_over_hf_{mode}"] = ratio
+      print(f"ours / hf {mode}: {ratio:.2f}x (target >= 3x)")
+  common.write_json(args.out, {"benchmark": "decode_speed", "machine": info, "config": config,
+                               "results": results, "summary": summary})
+
+
+if __name__ == "__main__":
+  main()
