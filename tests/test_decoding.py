@@ -254,10 +254,13 @@ def test_beam_search_matches_reference_and_stops_early():
   # Narrow beams on a 7-step space: checks the bookkeeping (top 2*beam, EOS
   # handling, finished pool, early stop) against the reference, which never
   # stops early, so a too-eager stopping rule changes the answer.
+  # Seed 4 stops early; on seed 0 keeping only the top `beam` extensions (not
+  # 2 * beam) would lose hypotheses.
   vocab, max_len, batch = 5, 7, 4
-  model = PrefixModel(seed=4, vocab=vocab, max_len=max_len, eos_bias=1.0)
   steps_taken = []
-  for beam, alpha in [(1, 0.6), (2, 0.0), (2, 2.0), (3, 0.6)]:
+  for seed, beam, alpha in [(4, 1, 0.6), (4, 2, 0.0), (4, 2, 2.0),
+                            (0, 1, 0.6), (0, 2, 2.0), (0, 3, 0.6)]:
+    model = PrefixModel(seed=seed, vocab=vocab, max_len=max_len, eos_bias=1.0)
     counter = []
     seqs, scores = decoding.beam_search(
         _counting(model, counter), model.init_cache(batch), batch_size=batch,
