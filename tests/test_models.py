@@ -117,6 +117,7 @@ def _copy_to_torch(torch, tmodel, params, d):
   norm(tmodel.decoder.norm, params["decoder"]["final_norm"])
 
 
+@pytest.mark.filterwarnings("ignore:.*nested")   # torch's own notes on its fast path
 @pytest.mark.parametrize("norm_placement", ["post", "pre"])
 def test_matches_torch_nn_transformer(norm_placement):
   torch = pytest.importorskip("torch")
