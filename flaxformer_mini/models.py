@@ -139,8 +139,12 @@ class Decoder(nn.Module):
       causal = attn_lib.causal_mask(decoder_inputs.shape[1])
       if segmentation is not None:
         self_mask = attn_lib.combine_masks(causal, attn_lib.segment_mask(segmentation))
-        cross_mask = (attn_lib.segment_mask(segmentation, encoder_segmentation)
-                      if self.cross else None)
+        if not self.cross:
+          cross_mask = None
+        elif encoder_segmentation is not None:
+          cross_mask = attn_lib.segment_mask(segmentation, encoder_segmentation)
+        else:  # only the target side is packed: one source per row
+          cross_mask = attn_lib.padding_mask(segmentation > 0, encoder_valid)
       else:
         valid = decoder_inputs != cfg.pad_id
         self_mask = attn_lib.combine_masks(causal, attn_lib.padding_mask(valid))
