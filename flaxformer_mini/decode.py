@@ -1,0 +1,402 @@
+"""Translate with a trained run directory: `Translator` and the ``decode`` CLI.
+
+    python -m flaxformer_mini.decode --workdir=runs/smoke "Bom dia." "Obrigado."
+    python -m flaxformer_mini.decode --workdir=runs/smoke --greedy < dev.pt > dev.hyp
+    python -m flaxformer_mini.decode --workdir=runs/smoke --step=200 --beam=4 --alpha=0.6 \
+        --input=dev.pt --output=dev.hyp --reference=dev.en
+
+From Python::
+
+    from flaxformer_mini.decode import SearchConfig, Translator
+    translator = Translator.from_workdir('runs/smoke')          # newest checkpoint
+    translator.translate(['Bom dia.'])                          # beam 4, alpha 0.6
+    translator.translate(['Bom dia.'], SearchConfig('sample', temperature=0.7, top_p=0.9))
+
+Batching: sentences are sorted by token length and cut into batches of
+``batch_size``; each batch is padded to a *bucket* shape, the next power of two
+of its row count (at most ``batch_size``) by the next power of two of its
+longest source (at least 4, at most ``model.max_len``). The search is jitted
+once per (search options, bucket shape), so a long file compiles a handful of
+shapes, not one per batch. Padding rows and padding tokens do not change the
+real rows' results (the source padding mask hides them).
+
+Empty (or whitespace-only) lines are not fed to the model; they come back as
+empty translations, so output line ``i`` always belongs to input line ``i``.
+
+A source longer than the model's ``max_len`` tokens (the encoder's position
+limit) is truncated to ``max_len`` with a warning naming its line
+(``on_long='truncate'``, the default) or refused with `InputTooLongError`
+(``on_long='error'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxformer_mini import decoding
+from flaxformer_mini.config import TransformerConfig
+from flaxformer_mini.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, check_vocab
+from flaxformer_mini.models import Transformer, seq2seq_decoding_fns
+
+PyTree = Any
+log = logging.getLogger(__name__)
+
+METHODS = ('beam', 'greedy', 'sample')
+ON_LONG = ('truncate', 'error')
+MIN_LENGTH_BUCKET = 4
+
+
+class InputTooLongError(ValueError):
+  """A source sentence has more tokens than the model's ``max_len`` (``on_long='error'``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """How to pick the output tokens (see `flaxformer_mini.decoding`).
+
+  Attributes:
+    method: 'beam' | 'greedy' | 'sample'.
+    beam_size, alpha: beam search width and GNMT length-penalty exponent.
+    temperature, top_k, top_p: sampling (0 = greedy, 0 = off, 1.0 = off).
+    seed: sampling seed; batch ``i`` (in length order) uses ``fold_in(key(seed), i)``,
+      so samples depend on ``batch_size`` and on which other sentences are translated.
+  """
+  method: str = 'beam'
+  beam_size: int = 4
+  alpha: float = 0.6
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f'method={self.method!r} is not one of {METHODS}')
+    if self.beam_size < 1:
+      raise ValueError(f'beam_size={self.beam_size} must be >= 1')
+    if self.temperature < 0:
+      raise ValueError(f'temperature={self.temperature} must be >= 0')
+    if self.top_k < 0:
+      raise ValueError(f'top_k={self.top_k} must be >= 0 (0 = off)')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p={self.top_p} must be in (0, 1] (1 = off)')
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def check_params(model_config: TransformerConfig, params: PyTree) -> None:
+  """Raises ValueError naming the first parameter path where ``params`` (e.g. from a
+  checkpoint) differ from what ``Transformer(model_config)`` expects: missing,
+  unexpected, or of another shape."""
+  model = Transformer(model_config)
+  ids = jnp.ones((1, 1), jnp.int32)
+  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids))['params']
+  want = {_path_str(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  got = {_path_str(p): tuple(np.shape(x))
+         for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for path in sorted(set(want) | set(got)):
+    if path not in got:
+      problem = f'missing from the checkpoint (config expects shape {want[path]})'
+    elif path not in want:
+      problem = f'in the checkpoint (shape {got[path]}) but not in the model the config builds'
+    elif want[path] != got[path]:
+      problem = f'has shape {got[path]} in the checkpoint, the config expects {want[path]}'
+    else:
+      continue
+    raise ValueError(f'checkpoint params do not match config.model: first differing path '
+                     f'{path!r} {problem} ({len(got)} checkpoint arrays, {len(want)} expected)')
+
+
+@functools.partial(jax.jit, static_argnames=('model_config', 'max_decode_len', 'search'))
+def _search(params, inputs, rng, *, model_config: TransformerConfig, max_decode_len: int,
+            search: SearchConfig):
+  """inputs: [batch, src_len] -> (sequences [batch, max_decode_len], scores [batch] | None).
+
+  Module-level, keyed on the (hashable) model config: every `Translator` of the same
+  model shares the compiled searches.
+  """
+  model = Transformer(model_config)
+  t2l, cache = seq2seq_decoding_fns(model, params, inputs, max_decode_len)
+  common = dict(batch_size=inputs.shape[0], max_decode_len=max_decode_len,
+                bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
+  if search.method == 'beam':
+    seqs, scores = decoding.beam_search(t2l, cache, beam_size=search.beam_size,
+                                        alpha=search.alpha, num_return=1, **common)
+    return seqs[:, 0], scores[:, 0]
+  if search.method == 'greedy':
+    return decoding.greedy_search(t2l, cache, **common), None
+  return decoding.sample(t2l, cache, rng, temperature=search.temperature, top_k=search.top_k,
+                         top_p=search.top_p, **common), None
+
+
+def compiled_shapes() -> int:
+  """How many (model, options, shape) variants of the search this process has compiled."""
+  return _search._cache_size()  # pylint: disable=protected-access
+
+
+class Translator:
+  """A model, its params and tokenizer, ready to translate lists of sentences.
+
+  Args:
+    model_config: the model's `TransformerConfig`.
+    params: its parameters (checked against ``model_config``).
+    tokenizer: the run's tokenizer (its vocab must equal ``model_config.vocab_size``).
+    max_decode_len: output tokens per sentence, EOS included (<= ``model_config.max_len``).
+    batch_size: sentences per batch (the largest batch bucket).
+    on_long: 'truncate' (warn) or 'error' for sources longer than ``model_config.max_len``.
+  """
+
+  def __init__(self, model_config: TransformerConfig, params: PyTree, tokenizer: Tokenizer, *,
+               max_decode_len: Optional[int] = None, batch_size: int = 32,
+               on_long: str = 'truncate'):
+    check_params(model_config, params)
+    check_vocab(tokenizer, model_config.vocab_size)
+    max_decode_len = model_config.max_len if max_decode_len is None else int(max_decode_len)
+    if not 1 <= max_decode_len <= model_config.max_len:
+      raise ValueError(f'max_decode_len={max_decode_len} must be in [1, model max_len='
+                       f'{model_config.max_len}]')
+    if batch_size < 1:
+      raise ValueError(f'batch_size={batch_size} must be >= 1')
+    if on_long not in ON_LONG:
+      raise ValueError(f'on_long={on_long!r} is not one of {ON_LONG}')
+    self.model_config = model_config
+    self.model = Transformer(model_config)
+    self.params = jax.device_put(params)
+    self.tokenizer = tokenizer
+    self.max_decode_len = max_decode_len
+    self.batch_size = int(batch_size)
+    self.on_long = on_long
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: Optional[int] = None, **kwargs) -> 'Translator':
+    """Loads checkpoint ``step`` (default: the newest readable) of a training run dir.
+
+    ``max_decode_len`` defaults to the run's ``config.eval.max_decode_len``; other
+    keyword arguments go to the constructor. Errors (missing dir/step/tokenizer,
+    params or tokenizer that do not match the saved config) name the run dir.
+    """
+    from flaxformer_mini import checkpoints
+    config, params, tokenizer = checkpoints.load_for_inference(workdir, step)
+    model_config = TransformerConfig.from_dict(config.model)
+    if kwargs.get('max_decode_len') is None:
+      eval_len = config.get('eval', {}).get('max_decode_len', model_config.max_len)
+      kwargs['max_decode_len'] = min(int(eval_len), model_config.max_len)
+    try:
+      return cls(model_config, params, tokenizer, **kwargs)
+    except ValueError as e:
+      where = f'step {step}' if step is not None else 'the newest checkpoint'
+      raise ValueError(f'{os.path.abspath(workdir)!r} ({where}): {e}') from None
+
+  # -- search --------------------------------------------------------------------------
+
+  def search_ids(self, inputs, search: SearchConfig = SearchConfig(), rng=None):
+    """Decodes token ids as they are (no bucketing; jitted per shape and options).
+
+    Args:
+      inputs: [batch, src_len] int32 source ids, ``PAD_ID``-padded, no EOS.
+      search: the search options (its ``seed`` is ignored; pass ``rng``).
+      rng: PRNG key for sampling (default ``key(search.seed)``).
+    Returns:
+      (sequences [batch, max_decode_len] int32 without BOS, EOS then PAD;
+       scores [batch] float32 length-penalised beam scores, or None unless beam).
+    """
+    inputs = jnp.asarray(inputs, jnp.int32)
+    if inputs.ndim != 2 or inputs.shape[1] > self.model_config.max_len:
+      raise ValueError(f'expected inputs [batch, src_len <= {self.model_config.max_len}], '
+                       f'got shape {inputs.shape}')
+    if rng is None:
+      rng = jax.random.PRNGKey(search.seed)
+    return _search(self.params, inputs, rng, model_config=self.model_config,
+                   max_decode_len=self.max_decode_len,
+                   search=dataclasses.replace(search, seed=0))
+
+  # -- text ----------------------------------------------------------------------------
+
+  def encode(self, sentences: Sequence[str], on_long: Optional[str] = None
+             ) -> list[Optional[np.ndarray]]:
+    """Source ids per sentence, None for empty ones; enforces ``on_long`` (line = index + 1)."""
+    on_long = on_long or self.on_long
+    if on_long not in ON_LONG:
+      raise ValueError(f'on_long={on_long!r} is not one of {ON_LONG}')
+    limit = self.model_config.max_len
+    nonempty = [i for i, s in enumerate(sentences) if s.strip()]
+    encoded: list[Optional[np.ndarray]] = [None] * len(sentences)
+    for i, ids in zip(nonempty, self.tokenizer.encode([sentences[i] for i in nonempty])):
+      if len(ids) > limit:
+        if on_long == 'error':
+          raise InputTooLongError(
+              f'input line {i + 1} has {len(ids)} tokens, more than the model max_len={limit} '
+              f'(use on_long=truncate / --on_long=truncate to cut it)')
+        log.warning('input line %d has %d tokens, more than the model max_len=%d; '
+                    'truncated to the first %d', i + 1, len(ids), limit, limit)
+        ids = ids[:limit]
+      encoded[i] = ids
+    return encoded
+
+  def batches(self, encoded: Sequence[Optional[np.ndarray]]):
+    """Yields (indices into ``encoded``, inputs [rows, length] int32) in length order.
+
+    Skips None (empty lines); ``rows`` and ``length`` are bucketed (module docstring),
+    padding rows are all ``PAD_ID`` and come after the real ``len(indices)`` rows.
+    """
+    todo = [i for i, ids in enumerate(encoded) if ids is not None]
+    todo.sort(key=lambda i: len(encoded[i]))  # stable: equal lengths keep input order
+    for start in range(0, len(todo), self.batch_size):
+      idx = todo[start:start + self.batch_size]
+      rows = min(self.batch_size, _next_pow2(len(idx)))
+      longest = max(len(encoded[i]) for i in idx)
+      length = min(self.model_config.max_len, max(MIN_LENGTH_BUCKET, _next_pow2(longest)))
+      inputs = np.full((rows, length), PAD_ID, np.int32)
+      for row, i in enumerate(idx):
+        inputs[row, :len(encoded[i])] = encoded[i]
+      yield idx, inputs
+
+  def translate(self, sentences: Sequence[str], search: SearchConfig = SearchConfig(), *,
+                on_long: Optional[str] = None) -> list[str]:
+    """Translations of ``sentences`` (same length and order; empty in, empty out)."""
+    if isinstance(sentences, str):
+      raise TypeError('translate takes a list of sentences, got a single str')
+    out = [''] * len(sentences)
+    base_rng = jax.random.PRNGKey(search.seed)
+    for n, (idx, inputs) in enumerate(self.batches(self.encode(sentences, on_long))):
+      seqs, _ = self.search_ids(inputs, search, jax.random.fold_in(base_rng, n))
+      for i, text in zip(idx, self.tokenizer.decode(np.asarray(seqs)[:len(idx)])):
+        out[i] = text
+    return out
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def score(hypotheses: Sequence[str], references: Sequence[str]) -> list[str]:
+  """sacrebleu corpus BLEU and chrF (detokenized), each as ``<signature> = <score>``."""
+  from sacrebleu.metrics import BLEU, CHRF
+  lines = []
+  for metric in (BLEU(), CHRF()):
+    result = metric.corpus_score(list(hypotheses), [list(references)])
+    lines.append(result.format(signature=str(metric.get_signature())))
+  return lines
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} file not found: {path!r}')
+  with open(path, encoding='utf-8') as f:
+    return [line.rstrip('\r\n') for line in f]
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog='python -m flaxformer_mini.decode',
+      description='Translate with the latest (or --step) checkpoint of a training run. '
+      'Input: --input FILE, else positional sentences, else stdin; one output line per '
+      'input line (empty lines stay empty).')
+  p.add_argument('sentences', nargs='*', help='sentences to translate (instead of --input)')
+  p.add_argument('--workdir', required=True, help='training run dir (train.py --workdir)')
+  p.add_argument('--step', type=int, default=None, help='checkpoint step (default: newest)')
+  method = p.add_mutually_exclusive_group()
+  method.add_argument('--beam', type=int, default=None, metavar='N',
+                      help='beam search with N beams (default 4)')
+  method.add_argument('--greedy', action='store_true', help='greedy search')
+  method.add_argument('--sample', action='store_true', help='ancestral sampling')
+  p.add_argument('--alpha', type=float, default=None, help='beam length penalty (0.6)')
+  p.add_argument('--temperature', type=float, default=None, help='sampling temperature (1.0)')
+  p.add_argument('--top_k', type=int, default=None, help='sample from the k best (0 = off)')
+  p.add_argument('--top_p', type=float, default=None, help='nucleus mass (1.0 = off)')
+  p.add_argument('--seed', type=int, default=None, help='sampling seed (0)')
+  p.add_argument('--max_decode_len', type=int, default=None,
+                 help='output tokens incl. EOS (default: the run\'s eval.max_decode_len)')
+  p.add_argument('--batch_size', type=int, default=32, help='sentences per batch (32)')
+  p.add_argument('--on_long', choices=ON_LONG, default='truncate',
+                 help='source longer than model max_len: truncate with a warning, or error')
+  p.add_argument('--input', default=None, help='file with one source sentence per line')
+  p.add_argument('--output', default=None, help='write translations here (default stdout)')
+  p.add_argument('--reference', default=None,
+                 help='reference translations, one per input line: print sacrebleu BLEU and '
+                 'chrF (to stdout with --output, else to stderr)')
+  return p
+
+
+def _search_config(args, parser) -> SearchConfig:
+  sampling = {k: getattr(args, k) for k in ('temperature', 'top_k', 'top_p', 'seed')
+              if getattr(args, k) is not None}
+  if sampling and not args.sample:
+    parser.error(f'--{"/--".join(sampling)} only apply with --sample')
+  if args.alpha is not None and (args.greedy or args.sample):
+    parser.error('--alpha only applies to beam search')
+  if args.sample:
+    return SearchConfig('sample', **sampling)
+  if args.greedy:
+    return SearchConfig('greedy')
+  return SearchConfig('beam', beam_size=4 if args.beam is None else args.beam,
+                      alpha=0.6 if args.alpha is None else args.alpha)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  search = _search_config(args, parser)
+  if args.input is not None and args.sentences:
+    parser.error('give sentences either with --input or as arguments, not both')
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's read-only notices off
+  try:
+    if args.input is not None:
+      sources = _read_lines(args.input, '--input')
+    elif args.sentences:
+      sources = list(args.sentences)
+    else:
+      sources = [line.rstrip('\r\n') for line in sys.stdin]
+    references = None
+    if args.reference is not None:
+      references = _read_lines(args.reference, '--reference')
+      if len(references) != len(sources):
+        raise ValueError(f'--reference {args.reference!r} has {len(references)} lines, the '
+                         f'input has {len(sources)}; they must align line by line')
+    t0 = time.time()
+    translator = Translator.from_workdir(args.workdir, args.step,
+                                         max_decode_len=args.max_decode_len,
+                                         batch_size=args.batch_size, on_long=args.on_long)
+    t1 = time.time()
+    hypotheses = translator.translate(sources, search)
+  except (FileNotFoundError, ValueError, RuntimeError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  text = ''.join(h + '\n' for h in hypotheses)
+  if args.output is not None:
+    with open(args.output, 'w', encoding='utf-8') as f:
+      f.write(text)
+  else:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+  print(f'translated {sum(bool(s.strip()) for s in sources)} of {len(sources)} lines '
+        f'({search.method}) in {time.time() - t1:.1f}s after {t1 - t0:.1f}s loading; '
+        f'{compiled_shapes()} compiled shape(s)', file=sys.stderr)
+  if references is not None:
+    report = sys.stdout if args.output is not None else sys.stderr
+    for line in score(hypotheses, references):
+      print(line, file=report)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
