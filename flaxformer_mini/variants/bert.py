@@ -19,16 +19,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.layers import ACTIVATIONS, EncoderLayer, make_norm
 from flaxformer_mini.positions import LearnedPositions
+from flaxformer_mini.variants import hf_import
+from flaxformer_mini.variants.hf_import import Rule
 
 Array = jax.Array
 
@@ -305,53 +306,52 @@ class BertForSequenceClassification(nn.Module):
 # Tensors that carry no parameters: buffers, and the MLM decoder tied to the word embedding.
 _IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight",
             "cls.predictions.decoder.bias")
+# head -> (HF tensor prefix, our param name, module whose tree the import fills).
+_HEADS = {None: (None, None), "mlm": ("cls.", "mlm"), "classification": ("classifier.", "classifier")}
 
 
-_HEADS = {None: None, "mlm": "cls.", "classification": "classifier."}  # head -> HF prefix
-
-
-def _hf_spec(cfg: BertConfig, head: Optional[str]) -> Iterator[Tuple[str, Tuple[str, ...], Tuple[int, ...], Callable]]:
-  """Yields (HF tensor name, our param path, expected HF shape, HF -> ours conversion)."""
+def _hf_rules(cfg: BertConfig, head: Optional[str]) -> List[Rule]:
+  """One `Rule` (our param path <- HF tensor, layout change) per parameter."""
   enc = cfg.encoder
-  d, h, k, f = enc.d_model, enc.num_heads, enc.head_size, enc.d_ff
-  same = lambda w: w
-  t = lambda w: w.T                                    # torch Linear [out, in] -> kernel [in, out]
+  h, k = enc.num_heads, enc.head_size
+  root = () if head is None else ("bert",)
+  rules: List[Rule] = []
 
   def norm(hf: str, ours: Tuple[str, ...]):
-    yield f"{hf}.weight", ours + ("scale",), (d,), same
-    yield f"{hf}.bias", ours + ("bias",), (d,), same
+    rules.extend([Rule(ours + ("scale",), f"{hf}.weight"), Rule(ours + ("bias",), f"{hf}.bias")])
 
-  def dense(hf: str, ours: Tuple[str, ...], n_in: int, n_out: int):
-    yield f"{hf}.weight", ours + ("kernel",), (n_out, n_in), t
-    yield f"{hf}.bias", ours + ("bias",), (n_out,), same
+  def dense(hf: str, ours: Tuple[str, ...]):
+    rules.extend([Rule(ours + ("kernel",), f"{hf}.weight", hf_import.linear),
+                  Rule(ours + ("bias",), f"{hf}.bias")])
 
-  yield "embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"), (enc.vocab_size, d), same
-  yield "embeddings.position_embeddings.weight", ("embeddings", "position_embeddings", "embedding"), (enc.max_len, d), same
-  yield "embeddings.token_type_embeddings.weight", ("embeddings", "token_type_embeddings", "embedding"), (cfg.type_vocab_size, d), same
-  yield from norm("embeddings.LayerNorm", ("embeddings", "norm"))
+  emb = root + ("embeddings",)
+  for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+    rules.append(Rule(emb + (name, "embedding"), f"embeddings.{name}.weight"))
+  norm("embeddings.LayerNorm", emb + ("norm",))
   for i in range(enc.num_encoder_layers):
-    hf, ours = f"encoder.layer.{i}", (f"layer_{i}",)
-    for name in ("query", "key", "value"):
-      # [h*k, d] -> kernel [d, h, k]; bias [h*k] -> [h, k].
-      yield (f"{hf}.attention.self.{name}.weight", ours + ("self_attention", name, "kernel"),
-             (h * k, d), lambda w: w.T.reshape(d, h, k))
-      yield (f"{hf}.attention.self.{name}.bias", ours + ("self_attention", name, "bias"),
-             (h * k,), lambda b: b.reshape(h, k))
-    yield (f"{hf}.attention.output.dense.weight", ours + ("self_attention", "out", "kernel"),
-           (d, h * k), lambda w: w.T.reshape(h, k, d))
-    yield f"{hf}.attention.output.dense.bias", ours + ("self_attention", "out", "bias"), (d,), same
-    yield from norm(f"{hf}.attention.output.LayerNorm", ours + ("norm_attention",))
-    yield from dense(f"{hf}.intermediate.dense", ours + ("ffn", "wi"), d, f)
-    yield from dense(f"{hf}.output.dense", ours + ("ffn", "wo"), f, d)
-    yield from norm(f"{hf}.output.LayerNorm", ours + ("norm_ffn",))
+    hf, ours = f"encoder.layer.{i}", root + (f"layer_{i}",)
+    att = ours + ("self_attention",)
+    for name in ("query", "key", "value"):  # [h*k, d] -> [d, h, k]; bias [h*k] -> [h, k]
+      rules += [Rule(att + (name, "kernel"), f"{hf}.attention.self.{name}.weight",
+                     hf_import.split_heads(h, k)),
+                Rule(att + (name, "bias"), f"{hf}.attention.self.{name}.bias",
+                     lambda b: b.reshape(h, k))]
+    rules += [Rule(att + ("out", "kernel"), f"{hf}.attention.output.dense.weight",
+                   hf_import.merge_heads(h, k)),
+              Rule(att + ("out", "bias"), f"{hf}.attention.output.dense.bias")]
+    norm(f"{hf}.attention.output.LayerNorm", ours + ("norm_attention",))
+    dense(f"{hf}.intermediate.dense", ours + ("ffn", "wi"))
+    dense(f"{hf}.output.dense", ours + ("ffn", "wo"))
+    norm(f"{hf}.output.LayerNorm", ours + ("norm_ffn",))
   if cfg.pooler:
-    yield from dense("pooler.dense", ("pooler",), d, d)
+    dense("pooler.dense", root + ("pooler",))
   if head == "mlm":
-    yield from dense("cls.predictions.transform.dense", ("mlm", "transform"), d, d)
-    yield from norm("cls.predictions.transform.LayerNorm", ("mlm", "transform_norm"))
-    yield "cls.predictions.bias", ("mlm", "bias"), (enc.vocab_size,), same
+    dense("cls.predictions.transform.dense", ("mlm", "transform"))
+    norm("cls.predictions.transform.LayerNorm", ("mlm", "transform_norm"))
+    rules.append(Rule(("mlm", "bias"), "cls.predictions.bias"))
   elif head == "classification":
-    yield from dense("classifier", ("classifier",), d, cfg.num_labels)
+    dense("classifier", ("classifier",))
+  return rules
 
 
 def _resolve(path_or_dir: str) -> Tuple[str, str]:
@@ -367,13 +367,14 @@ def _resolve(path_or_dir: str) -> Tuple[str, str]:
   return weights, config
 
 
-def convert_hf_bert(tensors: Mapping[str, np.ndarray], cfg: BertConfig, *,
-                    head: Optional[str] = None) -> Dict[str, Any]:
+def convert_hf_bert(state_dict: Any, cfg: BertConfig, *, head: Optional[str] = None
+                    ) -> Dict[str, Any]:
   """Maps HF BERT tensors (names as in ``BertModel.state_dict()``) to our param tree.
 
   Args:
-    tensors: name -> array. A ``bert.`` prefix (``BertFor*`` checkpoints) is stripped.
-    cfg: the model the params are for; tensor shapes are checked against it.
+    state_dict: name -> array / torch tensor, or a torch model. A ``bert.`` prefix
+      (``BertFor*`` checkpoints) is stripped.
+    cfg: the model the params are for; every tensor's shape is checked against it.
     head: None -> the `BertModel` tree (head tensors ``cls.*`` / ``classifier.*``
       are skipped); "mlm" -> the `BertForMaskedLM` tree ``{"bert", "mlm"}`` from
       ``cls.predictions.*``; "classification" -> the `BertForSequenceClassification`
@@ -383,39 +384,20 @@ def convert_hf_bert(tensors: Mapping[str, np.ndarray], cfg: BertConfig, *,
     A nested dict of float32 numpy arrays.
 
   Raises:
-    KeyError: a tensor the config needs is missing (named), or one is unexpected (named).
-    ValueError: a tensor's shape does not match the config (named, with both shapes).
+    ValueError naming every missing / unexpected tensor, or every tensor whose shape
+    does not match the config (`hf_import.assemble`).
   """
   if head not in _HEADS:
     raise ValueError(f"head={head!r} is not one of {sorted(_HEADS, key=str)}")
-  tensors = {(n[len("bert."):] if n.startswith("bert.") else n): v for n, v in tensors.items()}
-  params: Dict[str, Any] = {}
-  used = set()
-  for hf_name, path, shape, convert in _hf_spec(cfg, head):
-    if hf_name not in tensors:
-      raise KeyError(f"missing tensor {hf_name!r} (for params{''.join(f'[{p!r}]' for p in path)}) "
-                     f"in the BERT checkpoint")
-    value = np.asarray(tensors[hf_name])
-    if tuple(value.shape) != shape:
-      raise ValueError(f"tensor {hf_name!r} has shape {tuple(value.shape)}, expected {shape} "
-                       f"from the config (d_model={cfg.encoder.d_model}, "
-                       f"num_heads={cfg.encoder.num_heads}, d_ff={cfg.encoder.d_ff}, "
-                       f"vocab_size={cfg.encoder.vocab_size}, max_len={cfg.encoder.max_len})")
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = np.asarray(convert(value), np.float32)
-    used.add(hf_name)
-  skipped = tuple(prefix for h, prefix in _HEADS.items() if prefix and h != head)
-  unexpected = sorted(n for n in tensors if n not in used and n not in _IGNORED
-                      and not n.startswith(skipped))
-  if unexpected:
-    raise KeyError(f"unexpected tensor(s) in the BERT checkpoint: {unexpected[:5]}"
-                   f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
-  if head is not None:
-    name = {"mlm": "mlm", "classification": "classifier"}[head]
-    params = {"bert": {k: v for k, v in params.items() if k != name}, name: params[name]}
-  return params
+  sd = hf_import.to_numpy_state_dict(state_dict)
+  sd = {(n[len("bert."):] if n.startswith("bert.") else n): v for n, v in sd.items()}
+  skipped = tuple(prefix for h, (prefix, _) in _HEADS.items() if prefix and h != head)
+  model = {None: BertModel, "mlm": BertForMaskedLM,
+           "classification": BertForSequenceClassification}[head](cfg)
+  expected = hf_import.expected_params(model, jnp.zeros((1, 1), jnp.int32))
+  return hf_import.assemble(_hf_rules(cfg, head), sd, expected,
+                            ignore=lambda n: n in _IGNORED or n.startswith(skipped),
+                            what="BERT checkpoint")
 
 
 def load_hf_bert(path_or_dir: str, *, head: Optional[str] = None,
