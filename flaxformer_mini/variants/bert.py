@@ -92,7 +92,7 @@ class BertConfig:
 
     The ``encoder`` block overrides `bert_encoder_config` defaults; unknown keys are an error.
     """
-    d = dict(d)
+    d = d.to_dict() if hasattr(d, "to_dict") else dict(d)  # also an ml_collections ConfigDict
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:

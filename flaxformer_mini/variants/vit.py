@@ -92,7 +92,7 @@ class ViTConfig:
     The ``encoder`` block overrides `vit_encoder_config` defaults; ``encoder.max_len``
     defaults to 1 + num_patches. Unknown keys are an error.
     """
-    d = dict(d)
+    d = d.to_dict() if hasattr(d, "to_dict") else dict(d)  # also an ml_collections ConfigDict
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
