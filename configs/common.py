@@ -1,0 +1,77 @@
+"""Shared pieces of the experiment configs: `base_config()` with every field and its meaning.
+
+An experiment file (configs/<name>.py) defines ``get_config()`` that starts from
+`base_config()` and overrides what differs. All fields exist here, so a mistyped
+override (``--config.optimizer.warmup_step=...``) is an error, not a new field.
+"""
+
+import os
+
+import ml_collections
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = 'translation'              # name in flaxformer_mini.tasks registry
+  c.seed = 0                          # params init, dropout and data-shuffle seed
+  c.parallel = 'jit'                  # 'jit' (one device) | 'pmap' (all local devices)
+  c.batch_size = 64                   # rows per micro-batch (global; split across devices)
+  c.num_train_steps = 1000            # optimizer updates (each = accum_steps micro-batches)
+  c.log_every = 50                    # train metrics to tqdm / TensorBoard / metrics.jsonl
+  c.eval_every = 500                  # dev loss/accuracy (and at the end); 0 = only at end
+  c.checkpoint_every = 500            # also at the end and on SIGTERM/Ctrl-C
+  c.keep = 2                          # keep the last `keep` checkpoints ...
+  c.keep_best = 1                     # ... plus the best `keep_best` by dev nll
+  c.async_checkpointing = True        # orbax writes in the background (still atomic)
+
+  # Fed as-is to flaxformer_mini.TransformerConfig.from_dict (unknown keys fail there).
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=8000, d_model=256, num_heads=4, d_ff=1024,
+      num_encoder_layers=3, num_decoder_layers=3,
+      dropout_rate=0.1, attention_dropout_rate=0.0, max_len=128,
+      norm_placement='pre', share_embeddings=True, tie_output=True,
+      dtype='float32'))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'embedded'          # 'embedded' (package sample) | 'shared' (../shared/data)
+  c.data.shared_root = os.path.join(REPO_ROOT, '..', 'shared')
+  c.data.pair = 'en-pt'               # file pair: en-pt | en-de
+  c.data.src_lang = 'pt'
+  c.data.tgt_lang = 'en'
+  c.data.train_split = 'train'        # TFDS split syntax, e.g. 'train[:2000]'
+  c.data.eval_split = 'validation'
+  c.data.tfds_dir = ''                # '' = <workdir>/tfds
+  c.data.vocab_size = c.model.get_ref('vocab_size')   # one value: tokenizer == model
+  c.data.spm_model_type = 'unigram'
+  c.data.spm_max_sentences = 0        # sentences (per language) to train SentencePiece; 0 = all
+  c.data.max_source_len = 64          # packed row lengths
+  c.data.max_target_len = 64
+  c.data.pack = True
+  c.data.overlong = 'truncate'        # or 'drop'
+  c.data.eval_batch_size = 64
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.schedule = 'rsqrt'      # 'rsqrt' (paper) | 'cosine' | 'constant'
+  c.optimizer.lr_factor = 1.0         # rsqrt: lr = factor * d_model^-0.5 * min(s^-.5, s*w^-1.5)
+  c.optimizer.learning_rate = 1e-3    # cosine peak / constant value
+  c.optimizer.warmup_steps = 4000
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-9
+  c.optimizer.clip_norm = 1.0         # global-norm clipping; 0 = off
+  c.optimizer.weight_decay = 0.0      # decoupled (AdamW) on weight matrices, not emb/bias/norm
+  c.optimizer.accum_steps = 1         # optax.MultiSteps micro-batches per update
+  c.optimizer.label_smoothing = 0.1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.final_bleu = True            # decode the dev set at the end (BLEU + samples)
+  c.eval.bleu_every = 0               # dev BLEU during training (0 = only at the end)
+  c.eval.bleu_examples = 0            # dev sentences decoded for BLEU; 0 = all
+  c.eval.max_decode_len = 64
+  c.eval.decode_batch_size = 100
+  c.eval.beam_size = 1                # 1 = greedy
+  c.eval.alpha = 0.6                  # beam length penalty
+  c.eval.num_samples = 3              # example translations printed
+  return c

@@ -1,0 +1,311 @@
+"""Model-agnostic training pieces: TrainState, optimizer, losses, train_step / eval_step.
+
+Nothing here knows about translation. A task (`flaxformer_mini.tasks`) supplies
+
+    loss_and_metrics(params, batch, rng, deterministic) -> (loss_sum, metrics)
+
+where ``loss_sum`` is the SUM of the per-token (or per-example) training loss over the
+batch and ``metrics`` is a dict of sums that includes ``'weight'``: the number of
+tokens/examples ``loss_sum`` was summed over. Steps differentiate the sum and divide by
+the (all-device) weight, so one device and N devices take exactly the same update
+(a per-device mean followed by ``pmean`` would weight devices with few tokens too
+much). Metrics leave the steps as sums; divide by ``weight`` when reporting
+(`summarize`).
+
+Optimizer (`make_optimizer`): Adam(b1=0.9, b2=0.98, eps=1e-9) with the schedule of
+"Attention Is All You Need", ``factor * d_model^-0.5 * min(step^-0.5, step *
+warmup^-1.5)`` (or linear warmup + cosine decay), clipping by global norm, optional
+decoupled weight decay (AdamW) on weight matrices only, and gradient accumulation
+with `optax.MultiSteps`.
+
+Parallelism (`make_step_fns`): ``parallel='jit'`` runs on one device;
+``parallel='pmap'`` replicates the state over all local devices, splits each batch
+``[batch, ...] -> [devices, batch/devices, ...]`` and reduces over the axis ``'batch'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax import lax
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[PyTree, Batch, jax.Array, bool], Tuple[jax.Array, Metrics]]
+AXIS = 'batch'
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a training run carries from step to step (and into checkpoints).
+
+  step:      int32 scalar, number of `train_step` calls (micro-batches) so far.
+  params:    model parameters.
+  opt_state: optax state (includes the MultiSteps accumulator).
+  rng:       uint32[2] base key; step keys are ``fold_in(rng, step)``.
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+
+  @classmethod
+  def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array
+             ) -> 'TrainState':
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               rng=rng)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def rsqrt_schedule(d_model: int, warmup_steps: int, factor: float = 1.0) -> optax.Schedule:
+  """``factor * d_model^-0.5 * min(s^-0.5, s * warmup^-1.5)`` with ``s = step + 1``.
+
+  The paper counts steps from 1; optax passes the number of updates applied so far
+  (0 for the first update), hence ``step + 1``.
+  """
+  if warmup_steps < 1:
+    raise ValueError(f'warmup_steps={warmup_steps} must be >= 1 for the rsqrt schedule')
+
+  def schedule(count):
+    s = jnp.asarray(count, jnp.float32) + 1.0
+    return factor * d_model ** -0.5 * jnp.minimum(s ** -0.5, s * warmup_steps ** -1.5)
+  return schedule
+
+
+def make_schedule(opt: Mapping[str, Any], d_model: int, num_train_steps: int) -> optax.Schedule:
+  """The learning-rate schedule named by ``opt.schedule`` ('rsqrt' | 'cosine' | 'constant').
+
+  rsqrt:    the paper's warmup + inverse square root, scaled by ``opt.lr_factor``.
+  cosine:   linear warmup to ``opt.learning_rate`` then cosine decay to 0 at
+            ``num_train_steps`` (optax.warmup_cosine_decay_schedule).
+  constant: ``opt.learning_rate``.
+  """
+  kind = opt['schedule']
+  if kind == 'rsqrt':
+    return rsqrt_schedule(d_model, opt['warmup_steps'], opt['lr_factor'])
+  if kind == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt['learning_rate'],
+        warmup_steps=opt['warmup_steps'], decay_steps=max(num_train_steps, opt['warmup_steps'] + 1))
+  if kind == 'constant':
+    return optax.constant_schedule(opt['learning_rate'])
+  raise ValueError(f"optimizer.schedule={kind!r} is not one of ('rsqrt', 'cosine', 'constant')")
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def decay_mask(params: PyTree) -> PyTree:
+  """True for weight matrices (ndim >= 2) except embeddings; False for biases, norm
+  scales and embedding tables (``embedding`` in the parameter path)."""
+  def keep(path, x):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    return x.ndim >= 2 and not any('embed' in n for n in names)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+  """Builds the optimizer from ``config.optimizer`` (see configs/common.py).
+
+  Chain: clip_by_global_norm(clip_norm) -> Adam(b1, b2, eps) [-> decoupled weight decay
+  on `decay_mask` params] -> -schedule, wrapped in ``optax.MultiSteps(every_k_schedule=
+  accum_steps)`` when accum_steps > 1 (the schedule then counts real updates).
+
+  Returns:
+    (tx, schedule).
+  """
+  opt = config.optimizer
+  d_model = config.model.d_model if 'd_model' in config.model else 1
+  schedule = make_schedule(opt, d_model, config.num_train_steps)
+  parts = []
+  if opt.clip_norm and opt.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.clip_norm))
+  parts.append(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps))
+  if opt.weight_decay and opt.weight_decay > 0:
+    parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(*parts)
+  if opt.accum_steps < 1:
+    raise ValueError(f'optimizer.accum_steps={opt.accum_steps} must be >= 1')
+  if opt.accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=opt.accum_steps)
+  return tx, schedule
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def smoothed_entropy(vocab_size: int, label_smoothing: float) -> float:
+  """Entropy of the smoothed one-hot target ``(1 - a) * onehot + a / V`` (nats).
+
+  This is the minimum of the smoothed cross-entropy. `cross_entropy_sums`
+  subtracts it, so the reported ``loss`` is 0 for a perfect fit and comparable
+  across label_smoothing values (Flax WMT does the same with its own convention).
+  """
+  a, v = float(label_smoothing), int(vocab_size)
+  if a == 0.0:
+    return 0.0
+  hi, lo = 1.0 - a + a / v, a / v
+  return -(hi * np.log(hi) + (v - 1) * lo * np.log(lo))
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                       label_smoothing: float = 0.0) -> Metrics:
+  """Label-smoothed cross-entropy, summed over weighted positions.
+
+  Args:
+    logits: [..., vocab] float.
+    targets: [...] int ids.
+    weights: [...] float/bool (0 on padding).
+    label_smoothing: a in ``optax.smooth_labels(onehot, a) = (1-a)*onehot + a/V``.
+
+  Returns:
+    dict of scalar sums: ``loss`` (smoothed CE minus `smoothed_entropy`, the
+    quantity trained), ``nll`` (plain CE, -log p(target)), ``correct`` (argmax ==
+    target) and ``weight`` (sum of weights).
+  """
+  if logits.shape[:-1] != targets.shape:
+    raise ValueError(f'expected logits [..., vocab] matching targets {targets.shape}, '
+                     f'got {logits.shape}')
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  weights = weights.astype(jnp.float32)
+  onehot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
+  soft = optax.smooth_labels(onehot, label_smoothing) if label_smoothing else onehot
+  loss = optax.softmax_cross_entropy(logits, soft) - smoothed_entropy(vocab, label_smoothing)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return {'loss': jnp.sum(loss * weights), 'nll': jnp.sum(nll * weights),
+          'correct': jnp.sum(correct * weights), 'weight': jnp.sum(weights)}
+
+
+def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
+  """Metric sums -> means per weight: {prefix+'loss', 'nll', 'accuracy', 'ppl', 'tokens'}."""
+  sums = {k: float(v) for k, v in jax.device_get(dict(sums)).items()}
+  w = max(sums.get('weight', 0.0), 1e-9)
+  out = {}
+  for k, v in sums.items():
+    if k == 'weight':
+      out[prefix + 'tokens'] = v
+    elif k == 'correct':
+      out[prefix + 'accuracy'] = v / w
+    else:
+      out[prefix + k] = v / w
+  if 'nll' in sums:
+    out[prefix + 'ppl'] = float(np.exp(min(out[prefix + 'nll'], 50.0)))
+  return out
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
+               tx: optax.GradientTransformation, axis_name: Optional[str] = None
+               ) -> Tuple[TrainState, Metrics]:
+  """One micro-batch: gradient of the loss sum / token count, one ``tx.update``.
+
+  Args:
+    state: `TrainState` (replicated under pmap).
+    batch: dict of [batch, ...] arrays (this device's shard under pmap).
+    loss_fn: ``(params, batch, rng, deterministic) -> (loss_sum, metric sums)``.
+    tx: the optimizer of `make_optimizer`.
+    axis_name: the pmap axis (``'batch'``) or None under jit.
+
+  Returns:
+    (new state, metric sums over the global batch plus ``grad_norm``, the global
+    norm of the normalised gradient before clipping).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+
+  def objective(params):
+    loss_sum, metrics = loss_fn(params, batch, rng, False)
+    return loss_sum, metrics
+
+  grads, metrics = jax.grad(objective, has_aux=True)(state.params)
+  weight = metrics['weight']
+  if axis_name is not None:
+    grads, metrics = lax.psum((grads, metrics), axis_name)
+    weight = metrics['weight']
+  grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(weight, 1.0), grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: PyTree, batch: Batch, *, loss_fn: LossFn,
+              axis_name: Optional[str] = None) -> Metrics:
+  """Metric sums of one eval batch (deterministic), summed over devices under pmap."""
+  _, metrics = loss_fn(params, batch, jax.random.PRNGKey(0), True)
+  if axis_name is not None:
+    metrics = lax.psum(metrics, axis_name)
+  return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """Compiled steps plus the host-side glue that differs between jit and pmap.
+
+  train(state, batch) -> (state, metric sums); evaluate(params, batch) -> metric sums;
+  put_state(state) places a host state on the devices (replicates under pmap);
+  get_state(state) brings one copy back (unreplicated); put_batch shards a batch.
+  Metric sums returned are global (already reduced over devices) scalars.
+  """
+  train: Callable
+  evaluate: Callable
+  put_state: Callable
+  get_state: Callable
+  put_batch: Callable
+  get_params: Callable
+  num_devices: int
+
+
+def make_step_fns(loss_fn: LossFn, tx: optax.GradientTransformation, parallel: str = 'jit'
+                  ) -> StepFns:
+  """Compiles `train_step`/`eval_step` for ``parallel='jit'`` (one device) or 'pmap'."""
+  if parallel == 'jit':
+    train = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx), donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, loss_fn=loss_fn))
+    ident = lambda x: x
+    return StepFns(train=train, evaluate=evaluate, put_state=jax.device_put,
+                   get_state=jax.device_get, put_batch=ident, get_params=lambda s: s.params,
+                   num_devices=1)
+  if parallel == 'pmap':
+    n = jax.local_device_count()
+    ptrain = jax.pmap(functools.partial(train_step, loss_fn=loss_fn, tx=tx, axis_name=AXIS),
+                      axis_name=AXIS, donate_argnums=0)
+    peval = jax.pmap(functools.partial(eval_step, loss_fn=loss_fn, axis_name=AXIS),
+                     axis_name=AXIS)
+
+    def put_batch(batch):
+      from flaxformer_mini.data import split_for_devices
+      return split_for_devices(batch, n)
+
+    def train(state, batch):
+      state, metrics = ptrain(state, batch)
+      return state, jax.tree_util.tree_map(lambda m: m[0], metrics)
+
+    def evaluate(params, batch):
+      return jax.tree_util.tree_map(lambda m: m[0], peval(params, batch))
+
+    return StepFns(train=train, evaluate=evaluate, put_state=flax.jax_utils.replicate,
+                   get_state=lambda s: jax.device_get(flax.jax_utils.unreplicate(s)),
+                   put_batch=put_batch, get_params=lambda s: s.params,
+                   num_devices=n)
+  raise ValueError(f"parallel={parallel!r} is not one of ('jit', 'pmap')")
