@@ -5,6 +5,7 @@ every test then decodes its checkpoints. Most CLI calls run ``decode.main`` in-p
 so that all tests share the compiled searches (one compile per search kind).
 """
 
+import functools
 import io
 import json
 import os
@@ -97,22 +98,45 @@ def test_python_dash_m_entry_point_reports_missing_run_dir(tmp_path):
   assert 'run directory not found' in proc.stderr and missing in proc.stderr
 
 
-def test_greedy_matches_decoding_greedy_search_called_directly(run_dir, capsys):
+@functools.partial(jax.jit, static_argnames='model')
+def direct_greedy(model, params, inputs):
+  """decoding.greedy_search on inputs [batch, len] as given: (sequences, their log-probs)."""
+  t2l, cache = seq2seq_decoding_fns(model, params, inputs, MAX_DECODE_LEN)
+  seqs = decoding.greedy_search(t2l, cache, batch_size=inputs.shape[0],
+                                max_decode_len=MAX_DECODE_LEN, bos_id=tok_lib.BOS_ID,
+                                eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID)
+  return seqs, logprob(model, params, inputs, seqs)
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def logprob(model, params, inputs, sequences):
+  """decoding.score_sequences: [batch] summed log-probs of sequences given inputs."""
+  t2l, cache = seq2seq_decoding_fns(model, params, inputs, MAX_DECODE_LEN)
+  return decoding.score_sequences(t2l, cache, sequences, bos_id=tok_lib.BOS_ID,
+                                  eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID)
+
+
+def test_greedy_matches_decoding_greedy_search_called_directly(run_dir, translator, capsys):
   code, out, _ = cli(capsys, f'--workdir={run_dir}', *GREEDY, *SOURCES)
   assert code == 0
   config, params, tokenizer = checkpoints.load_for_inference(run_dir)
   model = Transformer(TransformerConfig.from_dict(config.model))
-  inputs = jnp.asarray(tokenizer.encode_padded(SOURCES, max(map(len, tokenizer.encode(SOURCES)))))
+  longest = max(map(len, tokenizer.encode(SOURCES)))
+  seqs, logp = direct_greedy(model, params, jnp.asarray(tokenizer.encode_padded(SOURCES, longest)))
+  assert out.splitlines() == tokenizer.decode(np.asarray(seqs))
 
-  @jax.jit
-  def greedy(params, inputs):
-    t2l, cache = seq2seq_decoding_fns(model, params, inputs, MAX_DECODE_LEN)
-    return decoding.greedy_search(t2l, cache, batch_size=len(SOURCES),
-                                  max_decode_len=MAX_DECODE_LEN, bos_id=tok_lib.BOS_ID,
-                                  eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID)
-
-  expected = tokenizer.decode(np.asarray(greedy(params, inputs)))
-  assert out.splitlines() == expected
+  # A barely trained model may say the same thing for every input, so also check the
+  # (input-dependent) log-probs: the length-sorted, bucket-padded rows the Translator
+  # decodes are the right sentences, and padding changes nothing.
+  [(idx, inputs)] = translator.batches(translator.encode(SOURCES))
+  rows, length = inputs.shape
+  assert idx != sorted(idx) and rows == 8 and length == max(4, 1 << (longest - 1).bit_length())
+  bucket_seqs, _ = translator.search_ids(inputs, decode.SearchConfig('greedy'))
+  bucket_logp = logprob(model, translator.params, jnp.asarray(inputs), bucket_seqs)
+  np.testing.assert_array_equal(np.asarray(bucket_seqs)[:len(idx)], np.asarray(seqs)[idx])
+  np.testing.assert_allclose(np.asarray(bucket_logp)[:len(idx)], np.asarray(logp)[idx],
+                             rtol=1e-5, atol=1e-5)
+  assert len(set(np.round(np.asarray(logp), 3))) > 1  # the check above is not vacuous
 
 
 def test_beam_runs_and_beats_greedy_under_score_sequences(run_dir, translator, capsys):
@@ -128,12 +152,9 @@ def test_beam_runs_and_beats_greedy_under_score_sequences(run_dir, translator, c
       np.asarray(beam_seqs)[:n])
 
   model = Transformer(translator.model_config)
-  t2l, cache = seq2seq_decoding_fns(model, translator.params, jnp.asarray(inputs),
-                                    MAX_DECODE_LEN)
-  logprob = decoding.score_sequences(t2l, cache, greedy_seqs, bos_id=tok_lib.BOS_ID,
-                                     eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID)
+  greedy_logp = logprob(model, translator.params, jnp.asarray(inputs), greedy_seqs)
   greedy_len = np.sum(np.asarray(greedy_seqs) != tok_lib.PAD_ID, axis=1)
-  greedy_scores = np.asarray(logprob) / np.asarray(decoding.length_penalty(greedy_len, 0.6))
+  greedy_scores = np.asarray(greedy_logp) / np.asarray(decoding.length_penalty(greedy_len, 0.6))
   np.testing.assert_array_less(greedy_scores[:n] - 1e-4, np.asarray(beam_scores)[:n])
 
 
@@ -219,13 +240,17 @@ def test_tokenizer_vocab_mismatch_names_both_sizes(run_dir, tmp_path, capsys):
   assert code == 1 and 'vocab_size=60' in err and 'expected vocab_size=400' in err
 
 
-def test_long_input_truncates_with_line_warning_or_refuses(run_dir, tmp_path, capsys, caplog):
-  src = write(tmp_path / 'src.txt', [SOURCES[0], '', LONG])
-  n_tokens = len(decode.Translator.from_workdir(run_dir).tokenizer.encode([LONG])[0])
+def test_long_input_refused_with_line_and_length_or_truncated_with_warning(
+    run_dir, translator, tmp_path, capsys, caplog):
+  lines = [SOURCES[0], '', LONG]
+  n_tokens = len(translator.tokenizer.encode([LONG])[0])
   assert n_tokens > 32
-  code, _, err = cli(capsys, f'--workdir={run_dir}', '--on_long=error', f'--input={src}')
+  code, _, err = cli(capsys, f'--workdir={run_dir}', '--on_long=error',
+                     f'--input={write(tmp_path / "src.txt", lines)}')
   assert code == 1 and f'input line 3 has {n_tokens} tokens' in err and 'max_len=32' in err
 
-  code, out, _ = cli(capsys, f'--workdir={run_dir}', *GREEDY, f'--input={src}')
-  assert code == 0 and len(out.split('\n')[:-1]) == 3 and out.split('\n')[1] == ''
+  # The default, on the encode step the CLI uses (decoding a 32-token input is not special).
+  encoded = translator.encode(lines)
+  assert [None if x is None else len(x) for x in encoded] == [len(encoded[0]), None, 32]
+  np.testing.assert_array_equal(encoded[2], translator.tokenizer.encode([LONG])[0][:32])
   assert f'input line 3 has {n_tokens} tokens' in caplog.text and 'truncated' in caplog.text
