@@ -1,0 +1,320 @@
+"""Tests of flaxformer_mini.training / checkpoints / tasks and train.py on configs/smoke.py.
+
+Cheap in-process checks first (loss, schedule, accumulation), then whole smoke runs:
+in-process runs share one prepared TFDS dir and one tokenizer; only what must be a
+separate process is one (4 simulated devices; a SIGKILLed run; flag parsing).
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flaxformer_mini import checkpoints, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import smoke  # noqa: E402  (configs/ is not a package on sys.path by default)
+import train  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_label_smoothed_loss_matches_numpy(rng):
+  vocab, a = 7, 0.1
+  logits = rng.normal(size=(2, 5, vocab)).astype(np.float32)
+  targets = rng.integers(0, vocab, size=(2, 5))
+  weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  got = training.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets),
+                                    jnp.asarray(weights), a)
+  x = logits.astype(np.float64)
+  logp = x - x.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  soft = np.full(x.shape, a / vocab)
+  np.put_along_axis(soft, targets[..., None], 1 - a + a / vocab, axis=-1)
+  entropy = -(soft[0, 0] * np.log(soft[0, 0])).sum()
+  ce = -(soft * logp).sum(-1)
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(got['loss'], ((ce - entropy) * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(got['nll'], (nll * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(got['weight'], weights.sum())
+  np.testing.assert_allclose(got['correct'], ((x.argmax(-1) == targets) * weights).sum())
+  np.testing.assert_allclose(training.smoothed_entropy(vocab, a), entropy, rtol=1e-12)
+  # A perfect (one-hot-matching) prediction of the smoothed target has loss ~0.
+  perfect = jnp.log(jnp.asarray(soft, jnp.float32))
+  zero = training.cross_entropy_sums(perfect, jnp.asarray(targets), jnp.ones((2, 5)), a)
+  assert abs(float(zero['loss'])) < 1e-4
+
+
+def test_rsqrt_schedule_matches_formula():
+  d_model, warmup, factor = 256, 50, 2.0
+  sched = training.rsqrt_schedule(d_model, warmup, factor)
+  for count in (0, 1, 10, 49, 50, 51, 200, 10_000):
+    s = count + 1  # optax counts applied updates from 0; the paper counts steps from 1
+    want = factor * d_model ** -0.5 * min(s ** -0.5, s * warmup ** -1.5)
+    np.testing.assert_allclose(float(sched(count)), want, rtol=1e-6)
+  peak = [float(sched(c)) for c in range(200)]
+  assert int(np.argmax(peak)) == warmup - 1
+
+
+def _toy_loss(params, batch, rng, deterministic):
+  del rng, deterministic
+  logits = batch['x'] @ params['w'] + params['b']
+  sums = training.cross_entropy_sums(logits, batch['y'], batch['mask'], 0.1)
+  return sums['loss'], sums
+
+
+def test_grad_accumulation_equals_big_batch(rng):
+  config = smoke.get_config()
+  config.optimizer.update(schedule='constant', learning_rate=0.05, weight_decay=0.01)
+  params = {'w': rng.normal(size=(6, 5)).astype(np.float32), 'b': np.zeros(5, np.float32)}
+  k, rows = 4, 8
+  big = {'x': jnp.asarray(rng.normal(size=(k * rows, 3, 6)), jnp.float32),
+         'y': jnp.asarray(rng.integers(0, 5, size=(k * rows, 3))),
+         'mask': jnp.ones((k * rows, 3))}  # equal tokens per micro-batch: mean of means == mean
+
+  def run(accum, batches):
+    config.optimizer.accum_steps = accum
+    tx, _ = training.make_optimizer(config)
+    fns = training.make_step_fns(_toy_loss, tx, 'jit')
+    state = training.TrainState.create(jax.tree_util.tree_map(jnp.array, params), tx,
+                                       jax.random.PRNGKey(0))  # own copies: steps donate
+    for _ in range(2):  # two real updates
+      for b in batches:
+        state, _ = fns.train(state, b)
+    return state.params
+
+  micro = [jax.tree_util.tree_map(lambda x: x[i * rows:(i + 1) * rows], big) for i in range(k)]
+  accumulated = run(k, micro)
+  single = run(1, [big])
+  for a, b in zip(jax.tree_util.tree_leaves(accumulated), jax.tree_util.tree_leaves(single)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(accumulated['w'], params['w'])
+
+
+def test_weight_decay_mask_skips_embeddings_biases_and_norms():
+  params = {'embedding': {'embedding': jnp.ones((4, 3))},
+            'layer_0': {'dense': {'kernel': jnp.ones((3, 3)), 'bias': jnp.ones(3)},
+                        'norm': {'scale': jnp.ones(3)}}}
+  mask = training.decay_mask(params)
+  assert mask == {'embedding': {'embedding': False},
+                  'layer_0': {'dense': {'kernel': True, 'bias': False},
+                              'norm': {'scale': False}}}
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+
+def _smoke_config(**overrides):
+  c = smoke.get_config()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def _final_params(workdir):
+  _, params, _ = checkpoints.load_for_inference(workdir)
+  return params
+
+
+def _subprocess(workdir, overrides, env=None):
+  return subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'train.py'), f'--config={REPO}/configs/smoke.py',
+       f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in overrides.items()]],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu', **(env or {})),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_after_first_checkpoint(proc, workdir):
+  """Polls (in a thread) for the first finished checkpoint dir, then SIGKILLs ``proc``."""
+  first = os.path.join(workdir, 'checkpoints', str(smoke.get_config().checkpoint_every))
+
+  def poll():
+    deadline = time.time() + 300
+    while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.005)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+  thread = threading.Thread(target=poll, daemon=True)
+  thread.start()
+  return thread
+
+
+NO_DROPOUT = {'model.dropout_rate': 0.0, 'eval.final_bleu': False}
+NO_BLEU = {'eval.final_bleu': False}
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """All smoke runs of this module, overlapped to fit the time budget.
+
+  Two subprocesses start first and run while this process trains in-process:
+    four:    parallel=pmap on 4 simulated CPU devices (XLA_FLAGS must precede jax init),
+             dropout off;
+    killed:  smoke defaults (dropout on), SIGKILLed once its first checkpoint exists,
+             then resumed in-process to the end.
+  In-process: reference (smoke defaults, uninterrupted, with final BLEU) and one
+  (dropout off, jit on one device). Every run trains its own tokenizer (SentencePiece
+  with one thread is deterministic; checked below) and shares one prepared TFDS dir.
+  """
+  from flaxformer_mini import data
+  root = tmp_path_factory.mktemp('runs')
+  tfds_dir = str(root / 'tfds')
+  data.prepare_tsv_builder(data.embedded_paths(), other_lang='pt', data_dir=tfds_dir)
+  dirs = {name: str(root / name) for name in ('four', 'killed', 'reference', 'one')}
+  common = {'data.tfds_dir': tfds_dir}
+  four = _subprocess(dirs['four'], {**common, **NO_DROPOUT, 'parallel': 'pmap'},
+                     env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  killed = _subprocess(dirs['killed'], {**common, **NO_BLEU})
+  killer = _kill_after_first_checkpoint(killed, dirs['killed'])
+  try:
+    out = {'reference': train.train_and_evaluate(_smoke_config(**common), dirs['reference']),
+           'one': train.train_and_evaluate(_smoke_config(**common, **NO_DROPOUT), dirs['one'])}
+    killer.join()
+    out['killed_output'] = killed.communicate()[0]
+    out['killed_returncode'] = killed.returncode
+    out['steps_after_kill'] = sorted(int(s) for s in os.listdir(
+        os.path.join(dirs['killed'], 'checkpoints')) if s.isdigit())
+    out['resumed'] = train.train_and_evaluate(_smoke_config(**common, **NO_BLEU),
+                                              dirs['killed'])
+    out['four_output'] = four.communicate(timeout=300)[0]
+    out['four_returncode'] = four.returncode
+  finally:
+    for p in (four, killed):
+      if p.poll() is None:
+        p.kill()
+  return dirs, out
+
+
+def test_loss_goes_down_and_outputs_exist(runs):
+  dirs, out = runs
+  workdir, final = dirs['reference'], out['reference']
+  train_losses = [m['train/loss'] for m in _metrics(workdir) if 'train/loss' in m]
+  assert len(train_losses) == smoke.get_config().num_train_steps
+  assert np.mean(train_losses[-4:]) < 0.8 * np.mean(train_losses[:2])
+  assert 'dev/bleu' in final and 0 <= final['dev/bleu'] <= 100
+  assert final['dev/nll'] < np.log(smoke.get_config().model.vocab_size)
+  assert glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
+  config, params, tokenizer = checkpoints.load_for_inference(workdir)
+  assert config.model.d_model == smoke.get_config().model.d_model
+  assert tokenizer.vocab_size == config.model.vocab_size
+  assert 'decoder' in params and 'encoder' in params
+
+
+def test_tokenizer_training_is_deterministic(runs):
+  # The .model files differ in trainer metadata (model_prefix is the run dir); the
+  # pieces, which the resume test relies on, must not.
+  from flaxformer_mini import data
+  dirs, _ = runs
+  pieces = {}
+  for name, d in dirs.items():
+    tok = data.load_tokenizer(d)
+    pieces[name] = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+  assert all(p == pieces['reference'] for p in pieces.values())
+
+
+def test_one_vs_four_devices_same_loss_curve(runs):
+  dirs, out = runs
+  assert out['four_returncode'] == 0, out['four_output'][-3000:]
+  assert 'devices=4 (pmap)' in out['four_output']
+  a = [m for m in _metrics(dirs['one']) if 'train/loss' in m]
+  b = [m for m in _metrics(dirs['four']) if 'train/loss' in m]
+  assert [m['step'] for m in a] == [m['step'] for m in b]
+  for key in ('train/loss', 'train/nll', 'train/tokens', 'train/accuracy'):
+    np.testing.assert_allclose([m[key] for m in b], [m[key] for m in a], rtol=2e-5, atol=1e-5,
+                               err_msg=key)
+  # Parameters agree up to float reassociation, which Adam amplifies where the gradient
+  # is ~0. Attention *key* biases have an exactly-zero gradient (softmax is invariant to
+  # q.b_k, constant over keys), so they are float noise that Adam scales up: skip them.
+  one, four = _final_params(dirs['one']), _final_params(dirs['four'])
+  flat_four = dict(jax.tree_util.tree_flatten_with_path(four)[0])
+  for path, x in jax.tree_util.tree_flatten_with_path(one)[0]:
+    name = jax.tree_util.keystr(path)
+    if "['key']['bias']" in name:
+      continue
+    np.testing.assert_allclose(x, flat_four[path], atol=3e-3, err_msg=name)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(runs):
+  dirs, out = runs
+  total = smoke.get_config().num_train_steps
+  assert out['killed_returncode'] == -signal.SIGKILL, (
+      f"the run was not killed mid-training:\n{out['killed_output'][-2000:]}")
+  assert out['steps_after_kill'] and out['steps_after_kill'][-1] < total, out['steps_after_kill']
+  resumed, reference = _final_params(dirs['killed']), _final_params(dirs['reference'])
+  for x, y in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+  a = [m['train/loss'] for m in _metrics(dirs['killed']) if 'train/loss' in m]
+  b = [m['train/loss'] for m in _metrics(dirs['reference']) if 'train/loss' in m]
+  assert len(a) == total
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_corrupt_latest_checkpoint_falls_back(runs, tmp_path, caplog):
+  reference = runs[0]['reference']
+  workdir = str(tmp_path / 'corrupt')
+  shutil.copytree(os.path.join(reference, 'checkpoints'),
+                  os.path.join(workdir, 'checkpoints'))
+  ckpt = checkpoints.Checkpointer(workdir, keep=2, keep_best=1, async_save=False)
+  steps = ckpt.steps()
+  assert len(steps) >= 2, steps
+  latest = steps[-1]
+  data_files = glob.glob(os.path.join(workdir, 'checkpoints', str(latest), 'state', 'd', '*'))
+  assert data_files
+  for f in data_files:
+    with open(f, 'r+b') as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+  c = smoke.get_config()
+  tx, _ = training.make_optimizer(c)
+  target = training.TrainState.create(_final_params(reference), tx, jax.random.PRNGKey(0))
+  with caplog.at_level('WARNING'):
+    step, state, data_state, meta = ckpt.restore_latest(target)
+  assert step == steps[-2] and meta['step'] == steps[-2] and data_state
+  assert int(state.step) == steps[-2] * c.optimizer.accum_steps
+  assert f'checkpoint step {latest}' in caplog.text and 'unreadable' in caplog.text
+  assert os.listdir(os.path.join(workdir, 'corrupt'))
+  assert ckpt.steps() == steps[:-1]
+  ckpt.close()
+
+
+def test_load_for_inference_errors_name_what_is_missing(runs, tmp_path):
+  reference = runs[0]['reference']
+  with pytest.raises(FileNotFoundError, match='run directory not found'):
+    checkpoints.load_for_inference(str(tmp_path / 'nope'))
+  with pytest.raises(FileNotFoundError, match='missing .*checkpoints'):
+    checkpoints.load_for_inference(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r'step 999 not found.*available steps: \['):
+    checkpoints.load_for_inference(reference, step=999)
+  copy = str(tmp_path / 'no_spm')
+  shutil.copytree(os.path.join(reference, 'checkpoints'),
+                  os.path.join(copy, 'checkpoints'))
+  with pytest.raises(FileNotFoundError, match='tokenizer file missing.*spm.model'):
+    checkpoints.load_for_inference(copy)
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+  proc = _subprocess(str(tmp_path), {'optimizer.warmup_step': 3})
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert "unknown config field 'warmup_step' in --config.optimizer.warmup_step" in out, out[-2000:]

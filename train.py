@@ -1,0 +1,244 @@
+"""Trains a task from a config file: parse config -> build task -> restore-or-init -> loop.
+
+    python train.py                                   # configs/default.py, runs/default
+    python train.py --config=configs/translate_pt_en.py --workdir=runs/pt_en
+    python train.py --config=configs/smoke.py --config.batch_size=8 --workdir=/tmp/smoke
+
+Rerunning the same command resumes from the newest readable checkpoint in --workdir
+(params, optimizer, step, RNG and the data-iterator position). SIGTERM or Ctrl-C stops
+after the current step and saves a checkpoint; a second Ctrl-C aborts at once.
+
+Outputs in --workdir: checkpoints/, spm.model, config.json, metrics.jsonl (one JSON
+object per logged step: train/*, dev/*, learning_rate, tokens_per_s) and tb/
+(TensorBoard event files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(_HERE, 'configs', 'default.py'),
+    'Experiment config file (configs/*.py); override fields with --config.<field>=value.')
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Run directory (default: runs/<config file name>).')
+
+log = logging.getLogger('train')
+
+
+class MetricWriter:
+  """Scalars to TensorBoard (tensorboardX) and ``metrics.jsonl``, one line per call."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    from tensorboardX import SummaryWriter
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(self.path):  # drop lines of steps that will be redone after a resume
+      with open(self.path) as f:
+        kept = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= resume_step]
+      with open(self.path, 'w') as f:
+        f.writelines(kept)
+    self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step: int, scalars: dict) -> None:
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **scalars}) + '\n')
+
+  def close(self) -> None:
+    self.tb.close()
+
+
+class StopSignal:
+  """First SIGTERM/SIGINT: stop after the current step (and checkpoint). Second: abort."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f'\nreceived {signal.Signals(signum).name}: stopping after this step and saving a '
+          'checkpoint (again to abort)', file=sys.stderr, flush=True)
+
+
+def dev_metrics(task, fns, dstate) -> dict:
+  from flaxformer_mini import training
+  import jax
+  sums = None
+  params = fns.get_params(dstate)
+  for batch in task.eval_batches():
+    m = fns.evaluate(params, fns.put_batch(batch))
+    sums = m if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, m)
+  return training.summarize(sums, 'dev/') if sums is not None else {}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the final dev metrics."""
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+  from flaxformer_mini import checkpoints, tasks, training
+
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  t_setup = time.time()
+  task = tasks.get_task(config, workdir)
+  tx, schedule = training.make_optimizer(config)
+  fns = training.make_step_fns(task.loss_and_metrics, tx, config.parallel)
+  if config.batch_size % fns.num_devices or config.data.eval_batch_size % fns.num_devices:
+    raise ValueError(f'batch_size={config.batch_size} and data.eval_batch_size='
+                     f'{config.data.eval_batch_size} must be multiples of the '
+                     f'{fns.num_devices} devices')
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = training.TrainState.create(task.init_params(init_rng), tx, train_rng)
+  train_iter = task.train_iterator()
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep, keep_best=config.keep_best,
+                                  async_save=config.async_checkpointing)
+  restored = ckpt.restore_latest(state, expect_model=checkpoints.config_to_dict(config.model))
+  start = 0
+  if restored is not None:
+    start, state, data_state, _ = restored
+    train_iter.set_state(data_state)
+    print(f'resumed from {ckpt.directory}/{start}', flush=True)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  print(f'task={task.name} params={n_params:,} devices={fns.num_devices} ({config.parallel}) '
+        f'setup={time.time() - t_setup:.1f}s workdir={workdir}', flush=True)
+  dstate = fns.put_state(state)
+  del state
+  writer = MetricWriter(workdir, start)
+  accum = config.optimizer.accum_steps
+  total = config.num_train_steps
+  stop = StopSignal()
+
+  def save(step, metrics=None):
+    ckpt.save(step, fns.get_state(dstate), data_state=train_iter.get_state(), config=config,
+              assets=task.assets, task=task.name, metrics=metrics)
+
+  step, sums, window_t, n_micro, last_dev = start, None, time.time(), 0, {}
+  bar = tqdm(total=total, initial=start, desc='train', dynamic_ncols=True, file=sys.stderr)
+  try:
+    while step < total and stop.signum is None:
+      for _ in range(accum):
+        dstate, m = fns.train(dstate, fns.put_batch(next(train_iter)))
+        sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)
+        n_micro += 1
+      step += 1
+      bar.update(1)
+      last = step == total
+      scalars = {}
+      if step % config.log_every == 0 or last:
+        dt = time.time() - window_t
+        scalars = training.summarize(sums, 'train/')
+        scalars['train/grad_norm'] = float(sums['grad_norm']) / n_micro  # mean, not per-token
+        scalars['learning_rate'] = float(schedule(step - 1))
+        scalars['tokens_per_s'] = scalars['train/tokens'] / max(dt, 1e-9)
+        bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                        tok_s=f"{scalars['tokens_per_s']:.0f}", refresh=False)
+        sums, window_t, n_micro = None, time.time(), 0
+      dev = {}
+      if (config.eval_every and step % config.eval_every == 0) or last:
+        dev = dev_metrics(task, fns, dstate)
+        bleu_every = config.eval.bleu_every
+        if bleu_every and step % bleu_every == 0 and not last:
+          bleu, _ = task.evaluate(fns.get_state(dstate).params)
+          dev.update({f'dev/{k}': v for k, v in bleu.items()})
+        bar.write(f'step {step}: ' + ' '.join(f'{k}={v:.4g}' for k, v in dev.items()))
+        last_dev = dev
+      if scalars or dev:
+        writer.write(step, {**scalars, **dev})
+      if step % config.checkpoint_every == 0 or last:
+        save(step, dev or None)
+    if stop.signum is not None and step < total:
+      save(step)
+      ckpt.close()
+      print(f'stopped at step {step} by {signal.Signals(stop.signum).name}; checkpoint saved '
+            f'in {ckpt.directory}; rerun the same command to resume', flush=True)
+      sys.exit(128 + stop.signum)
+  except KeyboardInterrupt:
+    print(f'\naborted at step {step}; trying to save a checkpoint', file=sys.stderr)
+    try:
+      save(step)
+      ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'could not save ({type(e).__name__}: {e}); the last good checkpoint is '
+            f'{ckpt.steps()[-1:] or "none"}', file=sys.stderr)
+    raise
+  finally:
+    stop.restore()
+    bar.close()
+    writer.close()
+  ckpt.close()
+
+  final = dict(last_dev) if last_dev else dev_metrics(task, fns, dstate)
+  if config.eval.get('final_bleu', True) and hasattr(task, 'evaluate'):
+    t = time.time()
+    extra, samples = task.evaluate(fns.get_state(dstate).params)
+    final.update({f'dev/{k}': v for k, v in extra.items()})
+    writer_final = {f'final/{k.split("/", 1)[1]}': v for k, v in final.items()}
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': step, **writer_final}) + '\n')
+    print(f'evaluation took {time.time() - t:.1f}s; examples:\n' + '\n\n'.join(samples))
+  print('final dev: ' + ' '.join(f'{k}={v:.4g}' for k, v in final.items()), flush=True)
+  return final
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]} (config overrides need '
+                         '--config.<field>=value)')
+  logging.basicConfig(level=logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain INFO chatter off
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  if workdir is None:
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+        flags.FLAGS['config'])))[0]
+    workdir = os.path.join('runs', name)
+  train_and_evaluate(config, workdir)
+
+
+def parse_flags(argv):
+  """absl flag parsing, with a one-line error for a mistyped --config.<field>.
+
+  config_flags raises a raw AttributeError/KeyError ("'warmup_step' Did you mean
+  'warmup_steps'?") from inside the parser; turn it into a message and exit code 2.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'train.py: error: {e}\nPass --helpfull to see the flags.')
+  except (AttributeError, KeyError) as e:
+    detail = re.sub(r'\\n|\n|[\\\'"]', ' ', str(e.args[0] if e.args else e)).split()
+    key = detail[0] if detail else '?'
+    named = [a.split('=')[0] for a in argv if a.startswith('--config.')
+             and a.split('=')[0].rsplit('.', 1)[-1] == key]
+    sys.exit(f'train.py: error: unknown config field {key!r} in {", ".join(named) or "--config.*"}'
+             f' ({" ".join(detail[1:]) or "no such field"}); all fields are listed in '
+             'configs/common.py.')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
