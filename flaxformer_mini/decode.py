@@ -16,9 +16,10 @@ Batching: sentences are sorted by token length and cut into batches of
 ``batch_size``; each batch is padded to a *bucket* shape, the next power of two
 of its row count (at most ``batch_size``) by the next power of two of its
 longest source (at least 4, at most ``model.max_len``). The search is jitted
-once per (search options, bucket shape), so a long file compiles a handful of
-shapes, not one per batch. Padding rows and padding tokens do not change the
-real rows' results (the source padding mask hides them).
+once per (model, search options, bucket shape), so a long file compiles a
+handful of shapes, not one per batch. Filler rows and padding tokens do not
+change the real rows' results (rows are independent; the source padding mask
+hides padding tokens).
 
 Empty (or whitespace-only) lines are not fed to the model; they come back as
 empty translations, so output line ``i`` always belongs to input line ``i``.
@@ -254,8 +255,9 @@ class Translator:
   def batches(self, encoded: Sequence[Optional[np.ndarray]]):
     """Yields (indices into ``encoded``, inputs [rows, length] int32) in length order.
 
-    Skips None (empty lines); ``rows`` and ``length`` are bucketed (module docstring),
-    padding rows are all ``PAD_ID`` and come after the real ``len(indices)`` rows.
+    Skips None (empty lines); ``rows`` and ``length`` are bucketed (module docstring).
+    The first ``len(indices)`` rows are the sentences; the filler rows after them repeat
+    the last one, so they never keep the search running after the real rows finish.
     """
     todo = [i for i, ids in enumerate(encoded) if ids is not None]
     todo.sort(key=lambda i: len(encoded[i]))  # stable: equal lengths keep input order
@@ -267,6 +269,7 @@ class Translator:
       inputs = np.full((rows, length), PAD_ID, np.int32)
       for row, i in enumerate(idx):
         inputs[row, :len(encoded[i])] = encoded[i]
+      inputs[len(idx):] = inputs[len(idx) - 1]  # filler rows end when the last real one does
       yield idx, inputs
 
   def translate(self, sentences: Sequence[str], search: SearchConfig = SearchConfig(), *,
@@ -342,12 +345,15 @@ def _search_config(args, parser) -> SearchConfig:
     parser.error(f'--{"/--".join(sampling)} only apply with --sample')
   if args.alpha is not None and (args.greedy or args.sample):
     parser.error('--alpha only applies to beam search')
-  if args.sample:
-    return SearchConfig('sample', **sampling)
-  if args.greedy:
-    return SearchConfig('greedy')
-  return SearchConfig('beam', beam_size=4 if args.beam is None else args.beam,
-                      alpha=0.6 if args.alpha is None else args.alpha)
+  try:
+    if args.sample:
+      return SearchConfig('sample', **sampling)
+    if args.greedy:
+      return SearchConfig('greedy')
+    return SearchConfig('beam', beam_size=4 if args.beam is None else args.beam,
+                        alpha=0.6 if args.alpha is None else args.alpha)
+  except ValueError as e:
+    parser.error(str(e))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

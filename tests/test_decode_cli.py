@@ -182,6 +182,16 @@ def test_one_compile_per_bucket_shape(translator):
   assert decode.compiled_shapes() == before  # 5 rows again, same length bucket
 
 
+def test_search_flags_are_validated(run_dir, capsys):
+  for args in (['--top_k=5'], ['--greedy', '--alpha=0.5'], ['--greedy', '--beam=2'],
+               ['--sample', '--top_p=0']):
+    with pytest.raises(SystemExit) as exit_info:
+      decode.main([f'--workdir={run_dir}', *args, 'Olá.'])
+    assert exit_info.value.code == 2, args
+  err = capsys.readouterr().err
+  assert '--top_k only apply with --sample' in err and '--alpha only applies to beam' in err
+
+
 def test_sample_with_temperature_zero_is_greedy(translator):
   assert (translator.translate(SOURCES, decode.SearchConfig('sample', temperature=0.0, seed=3))
           == translator.translate(SOURCES, decode.SearchConfig('greedy')))
