@@ -257,8 +257,8 @@ class MultiHeadAttention(nn.Module):
     if is_cross and decode and self.has_variable("cache", "cross_key"):
       # Cross-attention K/V were projected from the encoder output once.
       query = dense((self.num_heads, head_dim), "query")(inputs_q)
-      key = self.get_variable("cache", "cross_key")
-      value = self.get_variable("cache", "cross_value")
+      key = jnp.swapaxes(self.get_variable("cache", "cross_key"), 1, 2)
+      value = jnp.swapaxes(self.get_variable("cache", "cross_value"), 1, 2)
     else:
       kv_in = inputs_q if inputs_kv is None else inputs_kv
       if self.fused_qkv and not is_cross:
@@ -272,9 +272,9 @@ class MultiHeadAttention(nn.Module):
         else:
           key = dense((kv_heads, head_dim), "key")(kv_in)
           value = dense((kv_heads, head_dim), "value")(kv_in)
-      if is_cross and decode:
-        self.variable("cache", "cross_key", lambda: key)
-        self.variable("cache", "cross_value", lambda: value)
+      if is_cross and decode:  # stored [batch, kv_heads, src_len, head_dim], see _update_cache
+        self.variable("cache", "cross_key", lambda: jnp.swapaxes(key, 1, 2))
+        self.variable("cache", "cross_value", lambda: jnp.swapaxes(value, 1, 2))
 
     if self.rotary and not is_cross:
       if decode and self.has_variable("cache", "cache_index") and positions is None:
@@ -308,20 +308,28 @@ class MultiHeadAttention(nn.Module):
 
     key/value: [batch, 1, kv_heads, head_dim] on a step; the full-length
     [batch, max_len, kv_heads, head_dim] on the call that creates the cache.
+    The cache is stored as [batch, kv_heads, max_len, head_dim], the layout
+    the attention matmuls read, so a decode step moves no cache data besides
+    the one-token write (the swapaxes below cancel inside XLA).
     """
     initialized = self.has_variable("cache", "cached_key")
-    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    to_cache = lambda x: jnp.swapaxes(x, 1, 2)
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, to_cache(key).shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, to_cache(value).shape,
+                                 value.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:
       return key, value, mask  # creating the cache: plain full attention
-    b, max_len, kv_heads, head_dim = cached_key.value.shape
+    b, kv_heads, max_len, head_dim = cached_key.value.shape
     if key.shape != (b, 1, kv_heads, head_dim):
       raise ValueError(f"decode step expects one token per call: key {(b, 1, kv_heads, head_dim)}, "
                        f"got {key.shape}")
     i = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (0, i, 0, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), (0, i, 0, 0))
+    cached_key.value = jax.lax.dynamic_update_slice(
+        cached_key.value, to_cache(key).astype(cached_key.value.dtype), (0, 0, i, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(
+        cached_value.value, to_cache(value).astype(cached_value.value.dtype), (0, 0, i, 0))
     cache_index.value = i + 1
     step_mask = (jnp.arange(max_len) <= i)[None, None, None, :]
-    return cached_key.value, cached_value.value, combine_masks(step_mask, mask)
+    return (jnp.swapaxes(cached_key.value, 1, 2), jnp.swapaxes(cached_value.value, 1, 2),
+            combine_masks(step_mask, mask))

@@ -36,7 +36,16 @@ def _default_positions(ids: Array, positions: Optional[Array]) -> Array:
 
 
 def make_embedding(cfg: TransformerConfig, vocab_size: int, name: str) -> nn.Embed:
-  std = cfg.d_model ** -0.5 if cfg.scale_embeddings else 1.0
+  """Token embedding [vocab_size, d_model], N(0, std²) init.
+
+  std = ``cfg.embedding_init_std``, by default d_model^-0.5 when the embeddings are
+  scaled by sqrt(d_model) (so they enter at unit scale) and 1.0 otherwise (T5, whose
+  tied logits are rescaled by ``scale_tied_logits``). Unscaled, tied GPT/Llama-style LMs
+  want a small std (e.g. 0.02), else the initial logits have std ~sqrt(d_model).
+  """
+  std = cfg.embedding_init_std
+  if std is None:
+    std = cfg.d_model ** -0.5 if cfg.scale_embeddings else 1.0
   return nn.Embed(vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(stddev=std),
                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
@@ -128,7 +137,7 @@ class Decoder(nn.Module):
         valid = self.variable("cache", "encoder_valid", lambda: None).value
         cross_mask = valid[:, None, None, :]
       max_len = jax.tree_util.tree_leaves(
-          self.variables["cache"]["layer_0"]["self_attention"]["cached_key"])[0].shape[1]
+          self.variables["cache"]["layer_0"]["self_attention"]["cached_key"])[0].shape[2]
       k_positions = jnp.arange(max_len, dtype=jnp.int32)[None, :]
     else:
       positions = _default_positions(decoder_inputs, positions)
