@@ -47,6 +47,7 @@ def make_ours(inputs: np.ndarray):
   import jax
   import jax.numpy as jnp
   from flaxformer_mini import Transformer, TransformerConfig, decoding, seq2seq_decoding_fns
+  from flaxformer_mini.models import STATIC_CACHE_KEYS
 
   model = Transformer(TransformerConfig(**MODEL))
   src = jnp.asarray(inputs)
@@ -63,7 +64,8 @@ def make_ours(inputs: np.ndarray):
   @jax.jit
   def beam(params, src):
     t2l, cache = seq2seq_decoding_fns(model, params, src, n)
-    seqs, _ = decoding.beam_search(t2l, cache, beam_size=k, num_return=1, **common_kw)
+    seqs, _ = decoding.beam_search(t2l, cache, beam_size=k, num_return=1,
+                                   static_cache_keys=STATIC_CACHE_KEYS, **common_kw)
     return seqs[:, 0]
 
   def check(seqs):

@@ -139,7 +139,8 @@ def _search(params, inputs, rng, *, model_config: TransformerConfig, max_decode_
   common = dict(batch_size=inputs.shape[0], max_decode_len=max_decode_len,
                 bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
   if search.method == 'beam':
-    seqs, scores = decoding.beam_search(t2l, cache, beam_size=search.beam_size,
+    seqs, scores = decoding.beam_search(t2l, cache, static_cache_keys=models.STATIC_CACHE_KEYS,
+                                        beam_size=search.beam_size,
                                         alpha=search.alpha, num_return=1, **common)
     return seqs[:, 0], scores[:, 0]
   if search.method == 'greedy':

@@ -273,6 +273,10 @@ class DecoderOnlyLM(nn.Module):
 
 TokensToLogits = Callable[[Array, dict], Tuple[Array, dict]]
 
+# Cache entries that stay fixed while decoding and are equal across beams
+# (pass as ``decoding.beam_search(..., static_cache_keys=STATIC_CACHE_KEYS)``).
+STATIC_CACHE_KEYS = ("cross_key", "cross_value", "encoder_valid")
+
 
 def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
                          max_decode_len: int) -> Tuple[TokensToLogits, dict]:

@@ -299,6 +299,30 @@ def test_seq2seq_cached_decoding_equals_full_forward(name):
   np.testing.assert_allclose(got, full, atol=1e-5, rtol=0)
 
 
+def test_beam_search_with_static_encoder_cache_equals_reordering_everything():
+  """Skipping the per-step beam reorder of encoder K/V (models.STATIC_CACHE_KEYS) changes nothing."""
+  from flaxformer_mini import decoding
+  cfg = SEQ2SEQ_CONFIGS["sinusoidal-post-layernorm"].replace(num_encoder_layers=1)
+  model = models.Transformer(cfg)
+  r = np.random.default_rng(7)
+  src = tokens(r, (3, 7), [7, 4, 2])
+  params = random_params(model, src, tokens(r, (3, 5)), seed=8)
+
+  @jax.jit
+  def run(p, s):
+    out = []
+    for keys in ((), models.STATIC_CACHE_KEYS):
+      t2l, cache = models.seq2seq_decoding_fns(model, p, s, max_decode_len=6)
+      out.append(decoding.beam_search(t2l, cache, batch_size=3, beam_size=3, max_decode_len=6,
+                                      bos_id=BOS, eos_id=1, num_return=3,
+                                      static_cache_keys=keys))
+    return out
+
+  (seq_a, score_a), (seq_b, score_b) = run(params, src)
+  np.testing.assert_array_equal(np.asarray(seq_a), np.asarray(seq_b))
+  np.testing.assert_allclose(np.asarray(score_a), np.asarray(score_b), atol=1e-6)
+
+
 LM_CONFIGS = {
     "rotary-pre-rmsnorm-gqa-fused-swiglu": BASE.replace(
         position_kind="rotary", norm_placement="pre", norm_kind="rmsnorm", num_kv_heads=2,
