@@ -110,11 +110,13 @@ def make_schedule(opt: Mapping[str, Any], d_model: int, num_train_steps: int) ->
 
 
 def decay_mask(params: PyTree) -> PyTree:
-  """True for weight matrices (ndim >= 2) except embeddings; False for biases, norm
-  scales and embedding tables (``embedding`` in the parameter path)."""
+  """True for weight matrices/kernels; False for biases and norm scales (by leaf name:
+  attention biases are 2-D ``[heads, head_dim]``), 1-D leaves, and embedding tables
+  (``embed`` anywhere in the parameter path)."""
   def keep(path, x):
     names = [str(getattr(k, 'key', k)) for k in path]
-    return x.ndim >= 2 and not any('embed' in n for n in names)
+    return (x.ndim >= 2 and names[-1] not in ('bias', 'scale')
+            and not any('embed' in n for n in names))
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -107,10 +107,12 @@ def test_grad_accumulation_equals_big_batch(rng):
 def test_weight_decay_mask_skips_embeddings_biases_and_norms():
   params = {'embedding': {'embedding': jnp.ones((4, 3))},
             'layer_0': {'dense': {'kernel': jnp.ones((3, 3)), 'bias': jnp.ones(3)},
+                        'query': {'kernel': jnp.ones((3, 2, 4)), 'bias': jnp.ones((2, 4))},
                         'norm': {'scale': jnp.ones(3)}}}
   mask = training.decay_mask(params)
   assert mask == {'embedding': {'embedding': False},
                   'layer_0': {'dense': {'kernel': True, 'bias': False},
+                              'query': {'kernel': True, 'bias': False},
                               'norm': {'scale': False}}}
 
 
