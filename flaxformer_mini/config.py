@@ -56,6 +56,7 @@ class TransformerConfig:
   share_embeddings: bool = True                # encoder and decoder share the input embedding
   tie_output: bool = True                      # logits = decoder output · embeddingᵀ
   scale_embeddings: bool = True                # multiply embeddings by sqrt(d_model)
+  embedding_init_std: Optional[float] = None   # default d_model^-0.5 if scale_embeddings else 1.0
   scale_tied_logits: bool = False              # T5: decoder output * d_model^-0.5 before tied logits
   attention_scale: Optional[float] = None      # default 1/sqrt(head_dim); T5 uses 1.0
   pad_id: int = 0
@@ -74,6 +75,8 @@ class TransformerConfig:
     for key in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, key) < 1.0:
         raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
+    if self.embedding_init_std is not None and not self.embedding_init_std > 0:
+      raise ValueError(f"embedding_init_std={self.embedding_init_std} must be > 0")
     if self.position_kind == "rotary" and self.head_size % 2:
       raise ValueError(f"position_kind='rotary' needs an even head_dim, got {self.head_size}")
 

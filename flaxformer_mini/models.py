@@ -278,6 +278,15 @@ TokensToLogits = Callable[[Array, dict], Tuple[Array, dict]]
 STATIC_CACHE_KEYS = ("cross_key", "cross_value", "encoder_valid")
 
 
+def _grow_self_attention_cache(cache: dict, length: int) -> dict:
+  """Zero-pads ``cached_key``/``cached_value`` [batch, heads, len, head_dim] to ``length``."""
+  def grow(path, x):
+    if getattr(path[-1], "key", None) in ("cached_key", "cached_value"):
+      return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+    return x
+  return jax.tree_util.tree_map_with_path(grow, cache)
+
+
 def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
                          max_decode_len: int) -> Tuple[TokensToLogits, dict]:
   """Encodes ``inputs`` once and builds the decoder cache.
@@ -295,9 +304,12 @@ def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
     raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={model.cfg.max_len}")
   variables = {"params": params}
   encoded = model.apply(variables, inputs, method=Transformer.encode)
-  dummy = jnp.zeros((inputs.shape[0], max_decode_len), jnp.int32)
+  # Create the cache with a one-token pass (it projects the encoder K/V), then
+  # grow the self-attention caches to max_decode_len with zeros.
+  dummy = jnp.zeros((inputs.shape[0], 1), jnp.int32)
   _, state = model.apply(variables, encoded, inputs, dummy, decode=True, mutable=["cache"],
                          method=Transformer.decode)
+  state = {"cache": _grow_self_attention_cache(state["cache"], max_decode_len)}
 
   def tokens_to_logits(ids: Array, cache: dict):
     logits, new_state = model.apply({"params": params, "cache": cache}, None, None, ids,
