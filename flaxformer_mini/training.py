@@ -186,10 +186,13 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
   weights = weights.astype(jnp.float32)
-  onehot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
-  soft = optax.smooth_labels(onehot, label_smoothing) if label_smoothing else onehot
-  loss = optax.softmax_cross_entropy(logits, soft) - smoothed_entropy(vocab, label_smoothing)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  # One log-softmax, no [..., vocab] one-hot: with soft = (1-a)*onehot + a/V,
+  # CE(soft) = (1-a) * nll - a * mean_v(log p_v).
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  a = float(label_smoothing)
+  smoothed = (1.0 - a) * nll - a * jnp.mean(log_probs, axis=-1) if a else nll
+  loss = smoothed - smoothed_entropy(vocab, label_smoothing)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   return {'loss': jnp.sum(loss * weights), 'nll': jnp.sum(nll * weights),
           'correct': jnp.sum(correct * weights), 'weight': jnp.sum(weights)}
