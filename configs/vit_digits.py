@@ -9,13 +9,9 @@ more per step. Reports dev (= held-out test split)
 accuracy and, at the end, ``dev/test_accuracy`` over all 360 test images.
 """
 
-from configs import common
-
-# The task lives in flaxformer_mini/variants/vit_task.py; importing it registers
-# 'vit_digits' (tasks.get_task only auto-imports flaxformer_mini/<name>_task.py).
-import flaxformer_mini.variants.vit_task  # noqa: F401  pylint: disable=unused-import
-
 import ml_collections
+
+from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -14,9 +14,9 @@ Adding a task (e.g. ``lm`` or ``vit_digits``) in your own file::
 
     tasks.register_task('lm', LMTask)  # factory(config, workdir) -> Task
 
-and set ``config.task = 'lm'`` in your config. `get_task` imports
-``flaxformer_mini.<name>_task`` by itself when ``<name>`` is not registered yet, so a
-task living in ``flaxformer_mini/<name>_task.py`` needs no other wiring.
+and set ``config.task = 'lm'`` in your config. `get_task` imports the module of a
+built-in task (`BUILTIN_TASK_MODULES`) on first use; your own task module just has to be
+imported before ``get_task`` runs.
 
 Batches are dicts of numpy arrays with a leading batch axis (any keys the task
 likes). ``loss_and_metrics`` returns SUMS (see `flaxformer_mini.training`): the loss
@@ -40,7 +40,7 @@ from flaxformer_mini import data as data_lib
 from flaxformer_mini import decoding
 from flaxformer_mini import training
 from flaxformer_mini.config import TransformerConfig
-from flaxformer_mini.models import Transformer, seq2seq_decoding_fns
+from flaxformer_mini.models import STATIC_CACHE_KEYS, Transformer, seq2seq_decoding_fns
 
 PyTree = Any
 Batch = dict[str, np.ndarray]
@@ -91,20 +91,21 @@ def registered_tasks() -> list[str]:
   return sorted(_REGISTRY)
 
 
+# Built-in tasks defined outside this file, imported (and so registered) on first use.
+BUILTIN_TASK_MODULES = {
+    'lm': 'flaxformer_mini.variants.lm_task',
+    'vit_digits': 'flaxformer_mini.variants.vit_task',
+}
+
+
 def get_task(config, workdir: str) -> Task:
-  """Builds the task named ``config.task`` (importing ``flaxformer_mini.<name>_task``
-  if it is not registered yet)."""
+  """Builds the task named ``config.task``."""
   name = config.task
+  if name not in _REGISTRY and name in BUILTIN_TASK_MODULES:
+    importlib.import_module(BUILTIN_TASK_MODULES[name])
   if name not in _REGISTRY:
-    module = f'flaxformer_mini.{name}_task'
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:
-      if e.name != module:
-        raise
-  if name not in _REGISTRY:
-    raise ValueError(f'unknown task config.task={name!r}; registered: {registered_tasks()} '
-                     f'(a task in flaxformer_mini/{name}_task.py is imported automatically)')
+    known = sorted(set(registered_tasks()) | set(BUILTIN_TASK_MODULES))
+    raise ValueError(f'unknown task config.task={name!r}; known tasks: {known}')
   return _REGISTRY[name](config, workdir)
 
 
@@ -236,7 +237,8 @@ class TranslationTask:
     common = dict(batch_size=inputs.shape[0], max_decode_len=max_len,
                   bos_id=data_lib.BOS_ID, eos_id=data_lib.EOS_ID, pad_id=data_lib.PAD_ID)
     if e.beam_size > 1:
-      seqs, _ = decoding.beam_search(t2l, cache, beam_size=e.beam_size, alpha=e.alpha,
+      seqs, _ = decoding.beam_search(t2l, cache, static_cache_keys=STATIC_CACHE_KEYS,
+                                     beam_size=e.beam_size, alpha=e.alpha,
                                      num_return=1, **common)
       return seqs[:, 0]
     return decoding.greedy_search(t2l, cache, **common)
