@@ -70,6 +70,14 @@ def test_config_follows_version(t5_pair):
   assert cfg.num_heads * cfg.head_size == 32 and cfg.attention_scale == 1.0
 
 
+def test_t5_small_config_is_t5_config():
+  from configs import t5_small
+  from flaxformer_mini import TransformerConfig
+  assert TransformerConfig.from_dict(t5_small.get_config().model) == t5.t5_config(
+      "1.1", vocab_size=8000, d_model=256, num_heads=4, head_dim=64, d_ff=640,
+      num_encoder_layers=3, max_len=128)
+
+
 def test_logits_match_hf(t5_pair):
   import torch
   _, hf, cfg, params = t5_pair

@@ -54,7 +54,7 @@ def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: i
 
   Pre-norm RMSNorm (and a final norm), rotary positions, SwiGLU feed-forward of width
   ``d_ff``, no biases, grouped-query attention with ``num_kv_heads`` key/value heads,
-  unscaled input embeddings, logits from a separate ``[d_model, vocab]`` matrix unless
+  unscaled input embeddings (initialized N(0, 0.02²)), logits from a separate ``[d_model, vocab]`` matrix unless
   ``tie_embeddings``.
   """
   return TransformerConfig(
@@ -63,7 +63,8 @@ def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: i
       dropout_rate=dropout_rate, attention_dropout_rate=0.0, max_len=max_len, dtype=dtype,
       norm_placement="pre", norm_kind="rmsnorm", norm_eps=norm_eps, final_norm=True,
       position_kind="rotary", rotary_base=rotary_base, ffn_activation="silu", ffn_gated=True,
-      use_bias=False, tie_output=tie_embeddings, scale_embeddings=False, pad_id=pad_id)
+      use_bias=False, tie_output=tie_embeddings, scale_embeddings=False,
+      embedding_init_std=0.02, pad_id=pad_id)
 
 
 def gpt_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
@@ -74,7 +75,7 @@ def gpt_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int
 
   Pre-norm LayerNorm (and a final norm), learned absolute positions (``max_len`` of
   them), GELU (tanh) feed-forward of width ``d_ff`` (default ``4 * d_model``), biases
-  everywhere, logits tied to the unscaled input embedding.
+  everywhere, logits tied to the unscaled input embedding (initialized N(0, 0.02²)).
   """
   return TransformerConfig(
       vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
@@ -83,7 +84,7 @@ def gpt_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int
       max_len=max_len, dtype=dtype, norm_placement="pre", norm_kind="layernorm",
       norm_eps=norm_eps, final_norm=True, position_kind="learned",
       ffn_activation="gelu_tanh", ffn_gated=False, use_bias=True, tie_output=True,
-      scale_embeddings=False, pad_id=pad_id)
+      scale_embeddings=False, embedding_init_std=0.02, pad_id=pad_id)
 
 
 def config_from_hf_llama(hf_config: Any, *, max_len: Optional[int] = None,
