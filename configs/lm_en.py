@@ -13,13 +13,9 @@ next-token perplexity (``dev/ppl``, per SentencePiece token) and greedy continua
 
 import os
 
-from configs import common
-
-# The task lives in flaxformer_mini/variants/lm_task.py; importing it registers
-# 'lm' (tasks.get_task only auto-imports flaxformer_mini/<name>_task.py).
-import flaxformer_mini.variants.lm_task  # noqa: F401  pylint: disable=unused-import
-
 import ml_collections
+
+from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -17,7 +17,7 @@ and ``weights`` [batch, seq_len] float32 (0 where the next token starts another 
 and on rows that only pad the last dev batch).
 
 `evaluate` greedy-decodes ``config.eval.prompts`` with the KV cache (`lm_decoding_fns` +
-`decoding.greedy_search`). Registered as ``lm``; configs/lm_en.py imports this module.
+`decoding.greedy_search`). Registered as ``lm`` (tasks.get_task imports this module).
 """
 
 from __future__ import annotations
