@@ -48,7 +48,7 @@ import numpy as np
 from flaxformer_mini import decoding
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, check_vocab
-from flaxformer_mini.models import Transformer, seq2seq_decoding_fns
+from flaxformer_mini.models import STATIC_CACHE_KEYS, Transformer, seq2seq_decoding_fns
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _search(params, inputs, rng, *, model_config: TransformerConfig, max_decode_
   common = dict(batch_size=inputs.shape[0], max_decode_len=max_decode_len,
                 bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
   if search.method == 'beam':
-    seqs, scores = decoding.beam_search(t2l, cache, static_cache_keys=models.STATIC_CACHE_KEYS,
+    seqs, scores = decoding.beam_search(t2l, cache, static_cache_keys=STATIC_CACHE_KEYS,
                                         beam_size=search.beam_size,
                                         alpha=search.alpha, num_return=1, **common)
     return seqs[:, 0], scores[:, 0]
