@@ -1,7 +1,8 @@
 """The embedded default: pt->en on the 30k-pair sample shipped in the package.
 
-Sized to finish in about 5 minutes on 2 (shared) CPU cores, tokenizer training and the
-final greedy dev BLEU included; `python train.py` with no arguments runs this. At this
+Sized to finish in about 5 minutes on 2 quiet CPU cores, tokenizer training and the
+final greedy dev BLEU included (measured 5 min 27 s: setup 16 s, 600 steps 4 min 51 s,
+dev decode 13 s; dev BLEU 5.4 -- a demo of the pipeline, not a usable translator); `python train.py` with no arguments runs this. At this
 budget the model sees a fraction of one epoch, so it is small, has no dropout (it
 underfits, it cannot overfit) and uses a short warmup + cosine decay to zero.
 """
@@ -12,7 +13,7 @@ from configs import common
 def get_config():
   c = common.base_config()
   c.batch_size = 32
-  c.num_train_steps = 200
+  c.num_train_steps = 600
   c.log_every = 10
   c.eval_every = 0                    # dev loss only at the end (it costs train time)
   c.checkpoint_every = 50
@@ -25,7 +26,7 @@ def get_config():
   c.data.spm_max_sentences = 8000     # tokenizer on 8k pairs: ~4x faster, same pieces mostly
   c.optimizer.schedule = 'cosine'
   c.optimizer.learning_rate = 7e-3
-  c.optimizer.warmup_steps = 20
+  c.optimizer.warmup_steps = 40
   c.optimizer.label_smoothing = 0.1
   c.eval.max_decode_len = 48
   c.eval.decode_batch_size = 100
