@@ -112,7 +112,6 @@ def make_ours(batch: dict, impl: str = "auto"):
   """
   import jax
   import jax.numpy as jnp
-  import optax
   from flaxformer_mini import Transformer, TransformerConfig
 
   cfg = TransformerConfig(**MODEL)
@@ -160,13 +159,30 @@ def make_ours(batch: dict, impl: str = "auto"):
     return step, ("library: training.make_optimizer (constant lr, no clipping) + "
                   "make_step_fns('jit') + cross_entropy_sums")
 
+  def logits_fn(p, batch, step_rng):
+    return model.apply({"params": p}, batch["inputs"], batch["decoder_inputs"],
+                       deterministic=False, rngs={"dropout": step_rng})
+
+  step = _adam_step_runner(logits_fn, params, jbatch, seed=1)
+  return step, "fallback: optax.adam + jax.jit(value_and_grad) step, params/opt_state donated"
+
+
+def _adam_step_runner(logits_fn, params, jbatch, seed):
+  """A timed-step closure: jitted value_and_grad of padding-masked integer-label CE +
+  optax.adam, params/opt_state donated (as HF's run_translation_flax).
+
+  logits_fn(params, batch, dropout_rng) -> [batch, tgt_len, vocab] logits.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
   tx = optax.adam(ADAM["learning_rate"], b1=ADAM["b1"], b2=ADAM["b2"], eps=ADAM["eps"])
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, batch, step_rng):
+  def train_step(params, opt_state, batch, dropout_rng):
     def loss_fn(p):
-      logits = model.apply({"params": p}, batch["inputs"], batch["decoder_inputs"],
-                           deterministic=False, rngs={"dropout": step_rng})
+      logits = logits_fn(p, batch, dropout_rng)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
       w = (batch["targets"] != PAD_ID).astype(jnp.float32)
       return jnp.sum(ce * w) / jnp.sum(w)
@@ -175,7 +191,7 @@ def make_ours(batch: dict, impl: str = "auto"):
     return optax.apply_updates(params, updates), opt_state, loss
 
   holder = {"params": params, "opt_state": tx.init(params), "i": 0}
-  base_rng = jax.random.key(1)
+  base_rng = jax.random.key(seed)
 
   def step():
     holder["i"] += 1
@@ -183,7 +199,7 @@ def make_ours(batch: dict, impl: str = "auto"):
         holder["params"], holder["opt_state"], jbatch, jax.random.fold_in(base_rng, holder["i"]))
     _block(loss)
 
-  return step, "fallback: optax.adam + jax.jit(value_and_grad) step, params/opt_state donated"
+  return step
 
 
 # ----------------------------------------------------------------------------- HF Flax Marian
@@ -206,38 +222,19 @@ def marian_config():
 
 def make_hf(batch: dict):
   """HF `FlaxMarianMTModel`, random init; jitted value_and_grad + optax.adam, dropout on."""
-  import jax
   import jax.numpy as jnp
-  import optax
   from transformers import FlaxMarianMTModel
 
   model = FlaxMarianMTModel(marian_config(), seed=0, dtype=jnp.float32)
   jbatch = {k: jnp.asarray(x) for k, x in batch.items()}
-  tx = optax.adam(ADAM["learning_rate"], b1=ADAM["b1"], b2=ADAM["b2"], eps=ADAM["eps"])
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))  # as HF's run_translation_flax
-  def train_step(params, opt_state, batch, dropout_rng):
-    def loss_fn(p):
-      logits = model(input_ids=batch["inputs"], attention_mask=batch["inputs"] != PAD_ID,
-                     decoder_input_ids=batch["decoder_inputs"],
-                     decoder_attention_mask=batch["decoder_inputs"] != PAD_ID,
-                     params=p, dropout_rng=dropout_rng, train=True).logits
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-      w = (batch["targets"] != PAD_ID).astype(jnp.float32)
-      return jnp.sum(ce * w) / jnp.sum(w)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def logits_fn(p, batch, dropout_rng):
+    return model(input_ids=batch["inputs"], attention_mask=batch["inputs"] != PAD_ID,
+                 decoder_input_ids=batch["decoder_inputs"],
+                 decoder_attention_mask=batch["decoder_inputs"] != PAD_ID,
+                 params=p, dropout_rng=dropout_rng, train=True).logits
 
-  holder = {"params": model.params, "opt_state": tx.init(model.params), "i": 0}
-  base_rng = jax.random.key(2)
-
-  def step():
-    holder["i"] += 1
-    holder["params"], holder["opt_state"], loss = train_step(
-        holder["params"], holder["opt_state"], jbatch, jax.random.fold_in(base_rng, holder["i"]))
-    _block(loss)
-
+  step = _adam_step_runner(logits_fn, model.params, jbatch, seed=2)
   return step, "FlaxMarianMTModel + jax.jit(value_and_grad) + optax.adam, params/opt_state donated"
 
 
