@@ -136,8 +136,8 @@ class Decoder(nn.Module):
       if self.cross:
         valid = self.variable("cache", "encoder_valid", lambda: None).value
         cross_mask = valid[:, None, None, :]
-      max_len = jax.tree_util.tree_leaves(
-          self.variables["cache"]["layer_0"]["self_attention"]["cached_key"])[0].shape[2]
+      # cached_key: [batch, kv_heads, max_decode_len, head_dim]
+      max_len = self.variables["cache"]["layer_0"]["self_attention"]["cached_key"].shape[2]
       k_positions = jnp.arange(max_len, dtype=jnp.int32)[None, :]
     else:
       positions = _default_positions(decoder_inputs, positions)
