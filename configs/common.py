@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=8000, d_model=256, num_heads=4, d_ff=1024,
       num_encoder_layers=3, num_decoder_layers=3,
-      dropout_rate=0.1, attention_dropout_rate=0.0, max_len=128,
+      dropout_rate=0.1, attention_dropout_rate=0.0, dropout_impl='hash', max_len=128,
       norm_placement='pre', share_embeddings=True, tie_output=True,
       dtype='float32'))
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxformer_mini import dropout as dropout_lib
 from flaxformer_mini import positions as positions_lib
 
 Array = jax.Array
@@ -109,6 +110,7 @@ def dot_product_attention(
     dropout_rng: Optional[Array] = None,
     deterministic: bool = True,
     return_weights: bool = False,
+    dropout_impl: str = "hash",
 ):
   """softmax(q·kᵀ·scale + bias, masked) · v.
 
@@ -123,6 +125,7 @@ def dot_product_attention(
     scale: logit scale; default 1/sqrt(head_dim).
     dropout_rate: dropout on the attention weights (when not deterministic).
     dropout_rng: PRNG key for that dropout.
+    dropout_impl: its keep-mask generator, "hash" or "threefry" (see dropout.py).
     deterministic: disables dropout.
     return_weights: also return the weights [batch, heads, q_len, kv_len].
 
@@ -163,7 +166,7 @@ def dot_product_attention(
   if not deterministic and dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng")
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    keep = dropout_lib.keep_mask(dropout_rng, weights.shape, dropout_rate, dropout_impl)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
   w = weights.astype(value.dtype).reshape(b, kv_heads, groups, q_len, kv_len)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", w, value)
@@ -201,6 +204,7 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   fused_qkv: bool = False
   dropout_rate: float = 0.0
+  dropout_impl: str = "hash"
   rotary: bool = False
   rotary_base: float = 10000.0
   attention_scale: Optional[float] = None
@@ -294,7 +298,7 @@ class MultiHeadAttention(nn.Module):
     out, weights = dot_product_attention(
         query, key, value, mask, bias, scale=self.attention_scale,
         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-        deterministic=deterministic, return_weights=True)
+        deterministic=deterministic, return_weights=True, dropout_impl=self.dropout_impl)
     if return_weights:
       self.sow("intermediates", "attention_weights", weights)
     out = nn.DenseGeneral(

@@ -16,6 +16,7 @@ _CHOICES = {
     "norm_kind": ("layernorm", "rmsnorm"),
     "position_kind": ("sinusoidal", "learned", "rotary", "relative", "none"),
     "ffn_activation": ("relu", "gelu", "gelu_tanh", "silu"),
+    "dropout_impl": ("hash", "threefry"),
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -38,6 +39,7 @@ class TransformerConfig:
   num_decoder_layers: int = 6
   dropout_rate: float = 0.1                    # residual, embedding and FFN-hidden dropout
   attention_dropout_rate: float = 0.0          # dropout on attention weights
+  dropout_impl: str = "hash"                   # keep-mask generator, see dropout.py ("threefry" = flax)
   max_len: int = 256                           # longest sequence for absolute positions
   dtype: Any = jnp.float32                     # compute dtype
   param_dtype: Any = jnp.float32

@@ -18,6 +18,7 @@ from flax import linen as nn
 from flaxformer_mini import positions as positions_lib
 from flaxformer_mini.attention import MultiHeadAttention
 from flaxformer_mini.config import TransformerConfig
+from flaxformer_mini.dropout import Dropout
 
 Array = jax.Array
 
@@ -41,7 +42,8 @@ def make_attention(cfg: TransformerConfig, name: str, rotary: bool = False) -> M
   return MultiHeadAttention(
       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
       use_bias=cfg.use_bias, fused_qkv=cfg.fused_qkv, dropout_rate=cfg.attention_dropout_rate,
-      rotary=rotary, rotary_base=cfg.rotary_base, attention_scale=cfg.attention_scale,
+      dropout_impl=cfg.dropout_impl, rotary=rotary, rotary_base=cfg.rotary_base,
+      attention_scale=cfg.attention_scale,
       dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
@@ -66,7 +68,7 @@ class FeedForward(nn.Module):
       h = act(dense(cfg.d_ff, name="wi_0")(x)) * dense(cfg.d_ff, name="wi_1")(x)
     else:
       h = act(dense(cfg.d_ff, name="wi")(x))
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = Dropout(cfg.dropout_rate, cfg.dropout_impl)(h, deterministic=deterministic)
     return dense(x.shape[-1], name="wo")(h)
 
 
@@ -95,14 +97,14 @@ class InputEmbedding(nn.Module):
     elif cfg.position_kind == "learned":
       x = x + positions_lib.LearnedPositions(cfg.max_len, cfg.d_model, cfg.param_dtype,
                                              name="position_embedding")(positions)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate, cfg.dropout_impl)(x, deterministic=deterministic)
     return x.astype(cfg.dtype)
 
 
 def _residual(cfg: TransformerConfig, norm: nn.Module, x: Array,
               sublayer: Callable[[Array], Array], deterministic: bool) -> Array:
   """One sublayer with residual, dropout and norm in post- or pre-LN order."""
-  drop = nn.Dropout(cfg.dropout_rate)
+  drop = Dropout(cfg.dropout_rate, cfg.dropout_impl)
   if cfg.norm_placement == "pre":
     return x + drop(sublayer(norm(x)), deterministic=deterministic)
   return norm(x + drop(sublayer(x), deterministic=deterministic))

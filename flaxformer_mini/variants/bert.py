@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxformer_mini.config import TransformerConfig
+from flaxformer_mini.dropout import Dropout
 from flaxformer_mini.layers import ACTIVATIONS, EncoderLayer, make_norm
 from flaxformer_mini.positions import LearnedPositions
 from flaxformer_mini.variants import hf_import
@@ -163,7 +164,7 @@ class BertEmbeddings(nn.Module):
                                                 name="position_embeddings")
     self.token_type_embeddings = _embed(enc, self.cfg.type_vocab_size, "token_type_embeddings")
     self.norm = make_norm(enc, "norm")
-    self.dropout = nn.Dropout(enc.dropout_rate)
+    self.dropout = Dropout(enc.dropout_rate, enc.dropout_impl)
 
   def __call__(self, input_ids: Array, token_type_ids: Array, positions: Array, *,
                deterministic: bool = True) -> Array:
@@ -293,7 +294,7 @@ class BertForSequenceClassification(nn.Module):
     enc = self.cfg.encoder
     _, pooled = BertModel(self.cfg, name="bert")(input_ids, attention_mask, token_type_ids,
                                                   deterministic=deterministic)
-    pooled = nn.Dropout(enc.dropout_rate)(pooled, deterministic=deterministic)
+    pooled = Dropout(enc.dropout_rate, enc.dropout_impl)(pooled, deterministic=deterministic)
     logits = nn.Dense(self.cfg.num_labels, dtype=enc.dtype, param_dtype=enc.param_dtype,
                       name="classifier")(pooled)
     return logits.astype(jnp.float32)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxformer_mini.config import TransformerConfig
+from flaxformer_mini.dropout import Dropout
 from flaxformer_mini.layers import EncoderLayer, make_norm
 from flaxformer_mini.positions import LearnedPositions
 
@@ -168,7 +169,7 @@ class ViT(nn.Module):
                                 enc.param_dtype)
     self.position_embedding = LearnedPositions(self.cfg.num_tokens, enc.d_model,
                                                enc.param_dtype)
-    self.dropout = nn.Dropout(enc.dropout_rate)
+    self.dropout = Dropout(enc.dropout_rate, enc.dropout_impl)
     self.layers = [EncoderLayer(enc, name=f"layer_{i}") for i in range(enc.num_encoder_layers)]
     if enc.use_final_norm:
       self.final_norm = make_norm(enc, "final_norm")
