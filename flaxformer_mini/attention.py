@@ -292,6 +292,18 @@ class MultiHeadAttention(nn.Module):
     if decode and not is_cross:
       key, value, mask = self._update_cache(key, value, mask)
 
+    # Beam search keeps the encoder K/V cache at [batch, ...] while the queries come
+    # as [batch * beams, ...] (rows b*beams .. b*beams+beams-1 belong to batch row b):
+    # fold the beams into the query length so each row's K/V is read once per step.
+    rows, kv_rows = query.shape[0], key.shape[0]
+    group = 1
+    if is_cross and decode and rows != kv_rows:
+      if rows % kv_rows:
+        raise ValueError(f"cross-attention cache has {kv_rows} rows, which does not divide the "
+                         f"{rows} query rows (beams must be contiguous per batch row)")
+      group = rows // kv_rows
+      query = query.reshape((kv_rows, group * query.shape[1]) + query.shape[2:])
+
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng("dropout")
@@ -299,6 +311,10 @@ class MultiHeadAttention(nn.Module):
         query, key, value, mask, bias, scale=self.attention_scale,
         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
         deterministic=deterministic, return_weights=True, dropout_impl=self.dropout_impl)
+    if group > 1:  # unfold: [kv_rows, group*q, h, d] -> [rows, q, h, d]
+      out = out.reshape((rows, out.shape[1] // group) + out.shape[2:])
+      w = weights.reshape((kv_rows, weights.shape[1], group, -1, weights.shape[-1]))
+      weights = jnp.swapaxes(w, 1, 2).reshape((rows,) + w.shape[1:2] + w.shape[3:])
     if return_weights:
       self.sow("intermediates", "attention_weights", weights)
     out = nn.DenseGeneral(

@@ -264,7 +264,8 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
   The callback sees beams flattened into the batch: ``ids [batch*beam, 1]``,
   ``logits [batch*beam, vocab]``; cache leaves with ndim >= 1 are repeated to
   ``[batch*beam, ...]`` (row ``b * beam_size + k``) and reordered along the beam
-  after each step; scalar leaves are passed through untouched.
+  after each step, except ``static_cache_keys`` leaves (below); scalar leaves are
+  passed through untouched.
 
   Each step scores the ``beam * vocab`` extensions of the live beams and keeps
   the top ``2 * beam`` (at most ``beam`` of them end in EOS, so ``beam`` live
@@ -287,8 +288,11 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
       its tokens count neither in the log-prob nor in the length.
     static_cache_keys: dict keys of cache leaves that never change during
       decoding and are equal across the beams of a row (e.g.
-      ``models.STATIC_CACHE_KEYS``: encoder keys/values); they are repeated to
-      the beams once and never reordered, which saves a gather per step.
+      ``models.STATIC_CACHE_KEYS``: encoder keys/values). They stay at
+      ``[batch, ...]``, neither repeated to the beams nor reordered, so the
+      callback must map flat row ``r`` to their row ``r // beam_size`` (the
+      models' cross-attention does). This saves a gather per step and reads
+      each row's encoder K/V once per step instead of once per beam.
 
   Returns:
     sequences: ``[batch, num_return, max_decode_len]`` int32, best first,
@@ -355,8 +359,9 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
     cache = _gather_flat_cache(cache, _gather_beams(cand_parent, keep), static_cache_keys)
     return t + 1, ids, cache, live_seqs, live_logprobs, fin_seqs, fin_scores, fin_flags
 
-  flat_cache = jax.tree_util.tree_map(
-      lambda x: jnp.repeat(x, k, axis=0) if jnp.ndim(x) else x, init_cache)
+  flat_cache = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if jnp.ndim(x) == 0 or _is_static(path, static_cache_keys)
+      else jnp.repeat(x, k, axis=0), init_cache)
   only_first_beam = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)
   state = (jnp.array(0, jnp.int32),
            jnp.full((b, k), bos_id, jnp.int32),

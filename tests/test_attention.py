@@ -350,6 +350,33 @@ def test_kv_cache_decode_equals_full_causal_attention(mha_data, num_kv_heads, ro
   assert int(cache["cache_index"]) == length
 
 
+@pytest.mark.parametrize("num_kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_cross_attention_cache_with_fewer_rows_serves_contiguous_beams(mha_data, num_kv_heads):
+  # Beam search keeps the encoder K/V cache at [batch, ...] and sends [batch*beams, 1, d]
+  # queries (rows b*beams .. b*beams+beams-1 belong to batch row b); the result must
+  # equal attending a cache repeated to every beam, weights included.
+  x, memory = mha_data
+  beams = 3
+  module = attention.MultiHeadAttention(num_heads=HEADS, num_kv_heads=num_kv_heads)
+  variables = jax.jit(module.init, static_argnames="decode")(jax.random.key(0), x[:, :1], memory,
+                                                             decode=True)
+  params, cache = _randomize(variables["params"], 5), variables["cache"]
+  mask = jnp.asarray(_valid([6, 2], 6))[:, None, None, :]                 # [batch, 1, 1, kv]
+  queries = jnp.asarray(np.random.default_rng(6).standard_normal((2 * beams, 1, D_MODEL)),
+                        jnp.float32)
+  step = jax.jit(lambda c, q, m: module.apply({"params": params, "cache": c}, q, None, m,
+                                              decode=True, return_weights=True,
+                                              mutable=["cache"])[0])
+  out, weights = step(cache, queries, mask)
+  repeated = jax.tree_util.tree_map(lambda a: jnp.repeat(a, beams, axis=0), cache)
+  ref_out, ref_weights = step(repeated, queries, jnp.repeat(mask, beams, axis=0))
+  assert out.shape == (2 * beams, 1, D_MODEL) and weights.shape == ref_weights.shape
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(ref_weights), atol=1e-7, rtol=0)
+  with pytest.raises(ValueError, match="does not divide the 5 query rows"):
+    step(cache, queries[:5], mask)
+
+
 # ---------------------------------------------------------------------------
 # Errors that name the bad value.
 # ---------------------------------------------------------------------------
