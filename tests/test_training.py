@@ -52,6 +52,11 @@ def test_label_smoothed_loss_matches_numpy(rng):
   np.testing.assert_allclose(got['weight'], weights.sum())
   np.testing.assert_allclose(got['correct'], ((x.argmax(-1) == targets) * weights).sum())
   np.testing.assert_allclose(training.smoothed_entropy(vocab, a), entropy, rtol=1e-12)
+  # Gradient wrt the logits: weight * (softmax - smoothed target).
+  grad = jax.grad(lambda l: training.cross_entropy_sums(
+      l, jnp.asarray(targets), jnp.asarray(weights), a)['loss'])(jnp.asarray(logits))
+  np.testing.assert_allclose(np.asarray(grad), weights[..., None] * (np.exp(logp) - soft),
+                             atol=1e-6)
   # A perfect (one-hot-matching) prediction of the smoothed target has loss ~0.
   perfect = jnp.log(jnp.asarray(soft, jnp.float32))
   zero = training.cross_entropy_sums(perfect, jnp.asarray(targets), jnp.ones((2, 5)), a)
