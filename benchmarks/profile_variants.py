@@ -12,11 +12,14 @@ running the script twice, e.g.
     python benchmarks/profile_variants.py train --variants base,int_labels --quick
 
 Train variants (all use flaxformer_mini.training's step and optimizer):
-  base        the library as is: cross_entropy_sums (materialises a [B, T, V] one-hot)
-  int_labels  loss with optax.softmax_cross_entropy_with_integer_labels (no one-hot)
+  base        the library as is: cross_entropy_sums (logsumexp - target logit) and the
+              default counter-hash dropout masks
+  int_labels  loss with optax.softmax_cross_entropy_with_integer_labels
+  threefry_dropout  TransformerConfig(dropout_impl='threefry'): flax's jax.random.bernoulli masks
   fused_qkv   TransformerConfig(fused_qkv=True) (one qkv / kv kernel per attention)
   no_dropout  deterministic=True: the cost of dropout (RNG + masks), an upper bound
   rbg_prng    dropout keys from jax.random.key(.., impl='unsafe_rbg') instead of threefry
+              (with hash masks the key only seeds them, so expect no difference)
 Decode variants:
   greedy, beam4      the library as is (what decode_speed.py times)
   steps_only         64 tokens_to_logits calls in a fori_loop, no search logic
@@ -62,7 +65,8 @@ def train_variants(names):
       optimizer=opt, model=dict(d_model=MODEL["d_model"]), num_train_steps=10 ** 6)))
 
   def build(name):
-    cfg = TransformerConfig(**MODEL, fused_qkv=(name == "fused_qkv"))
+    cfg = TransformerConfig(**MODEL, fused_qkv=(name == "fused_qkv"),
+                            dropout_impl="threefry" if name == "threefry_dropout" else "hash")
     model = Transformer(cfg)
     deterministic = name == "no_dropout"
 
@@ -161,7 +165,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.rounds, args.steps_per_round = 1, 2
-  all_names = {"train": ["base", "int_labels", "fused_qkv", "no_dropout", "rbg_prng"],
+  all_names = {"train": ["base", "int_labels", "threefry_dropout", "fused_qkv", "no_dropout",
+                         "rbg_prng"],
                "decode": ["greedy", "beam4", "steps_only", "encode_only", "beam4_cross_out"]}
   names = [v for v in args.variants.split(",") if v] or all_names[args.what]
   bad = set(names) - set(all_names[args.what])
