@@ -166,8 +166,7 @@ def dot_product_attention(
   if not deterministic and dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("dropout_rate > 0 and deterministic=False need a dropout_rng")
-    keep = dropout_lib.keep_mask(dropout_rng, weights.shape, dropout_rate, dropout_impl)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = dropout_lib.dropout(weights, dropout_rng, dropout_rate, impl=dropout_impl)
   w = weights.astype(value.dtype).reshape(b, kv_heads, groups, q_len, kv_len)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", w, value)
   out = out.reshape(b, q_len, heads, value.shape[-1]).astype(query.dtype)

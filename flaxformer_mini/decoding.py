@@ -233,8 +233,9 @@ def _gather_beams(x: Array, idx: Array) -> Array:
   return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
 
 
-def _is_static(path, static_keys) -> bool:
-  return any(getattr(p, "key", None) in static_keys for p in path)
+def _is_per_beam(path, x, static_keys) -> bool:
+  """Whether a cache leaf has one row per beam: ndim >= 1 and not under a ``static_keys`` key."""
+  return jnp.ndim(x) > 0 and not any(getattr(p, "key", None) in static_keys for p in path)
 
 
 def _gather_flat_cache(cache: PyTree, idx: Array, static_keys=()) -> PyTree:
@@ -246,7 +247,7 @@ def _gather_flat_cache(cache: PyTree, idx: Array, static_keys=()) -> PyTree:
   batch, beam = idx.shape
 
   def gather(path, x):
-    if jnp.ndim(x) == 0 or _is_static(path, static_keys):
+    if not _is_per_beam(path, x, static_keys):
       return x
     x = x.reshape((batch, beam) + x.shape[1:])
     return _gather_beams(x, idx).reshape((batch * beam,) + x.shape[2:])
@@ -360,8 +361,8 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
     return t + 1, ids, cache, live_seqs, live_logprobs, fin_seqs, fin_scores, fin_flags
 
   flat_cache = jax.tree_util.tree_map_with_path(
-      lambda path, x: x if jnp.ndim(x) == 0 or _is_static(path, static_cache_keys)
-      else jnp.repeat(x, k, axis=0), init_cache)
+      lambda path, x: jnp.repeat(x, k, axis=0) if _is_per_beam(path, x, static_cache_keys)
+      else x, init_cache)
   only_first_beam = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)
   state = (jnp.array(0, jnp.int32),
            jnp.full((b, k), bos_id, jnp.int32),

@@ -19,6 +19,7 @@ and two call sites collide only if their seeds do (probability 2**-64 per pair).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -41,10 +42,7 @@ def _mix32(x: Array) -> Array:
 def hash_bits(key: Array, shape: tuple[int, ...]) -> Array:
   """uint32 pseudo-random bits of ``shape`` from a PRNG key (counter hash, see module doc)."""
   seeds = jax.random.bits(key, (2,), jnp.uint32)
-  size = 1
-  for s in shape:
-    size *= int(s)
-  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   return _mix32(_mix32(index ^ seeds[0]) ^ seeds[1])
 
 
