@@ -372,7 +372,8 @@ def test_cross_attention_cache_with_fewer_rows_serves_contiguous_beams(mha_data,
   ref_out, ref_weights = step(repeated, queries, jnp.repeat(mask, beams, axis=0))
   assert out.shape == (2 * beams, 1, D_MODEL) and weights.shape == ref_weights.shape
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-6, rtol=0)
-  np.testing.assert_allclose(np.asarray(weights), np.asarray(ref_weights), atol=1e-7, rtol=0)
+  # 1e-6: one float32 rounding of a softmax weight apart (GPU reductions differ by ~1 ulp).
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(ref_weights), atol=1e-6, rtol=0)
   with pytest.raises(ValueError, match="does not divide the 5 query rows"):
     step(cache, queries[:5], mask)
 
