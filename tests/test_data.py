@@ -2,6 +2,7 @@
 
 import collections
 import gzip
+import itertools
 import json
 import sys
 
@@ -138,6 +139,138 @@ def test_tokenizer_errors(tokenizer, tmp_path):
   data.check_vocab(tokenizer, 128)
   with pytest.raises(ValueError, match='vocab_size=128, expected vocab_size=32000'):
     data.check_vocab(tokenizer, 32000)
+
+
+# ---------------------------------------------------------------- tokenize once
+
+
+class CountingTokenizer:
+  """Delegates to a Tokenizer and counts encode calls (the cache must skip them)."""
+
+  def __init__(self, tokenizer):
+    self._tokenizer, self.model_path, self.calls = tokenizer, tokenizer.model_path, 0
+
+  def encode(self, texts):
+    self.calls += 1
+    return self._tokenizer.encode(texts)
+
+
+def _per_example(source, tokenizer, src_key, tgt_key):
+  """What the pipeline used to compute per example: (source ids, target ids + EOS)."""
+  out = []
+  for i in range(len(source)):
+    ex = source[i]
+    src, tgt = tokenizer.encode([data.tokenized._text(ex[src_key]),
+                                 data.tokenized._text(ex[tgt_key])])
+    out.append((src, np.append(tgt, np.int32(EOS_ID))))
+  return out
+
+
+def test_tokenized_source_equals_per_example_tokenization(tsv_paths, tokenizer, tmp_path):
+  # Real text (embedded dev sample) plus an empty side, read in chunks of 7.
+  pairs = list(data.read_tsv(data.embedded_paths()['validation'], 'pt'))[:40]
+  pairs.append({'pt': '', 'en': 'Empty source.', 'source': 'x'})
+  ts = data.tokenize_examples(pairs, tokenizer, src_key='pt', tgt_key='en', chunk_size=7)
+  assert len(ts) == len(pairs) and (ts.src_key, ts.tgt_key) == ('pt', 'en')
+  for i, (src, tgt) in enumerate(_per_example(pairs, tokenizer, 'pt', 'en')):
+    assert ts[i]['inputs'].dtype == np.int32 and ts[i]['targets'].dtype == np.int32
+    np.testing.assert_array_equal(ts[i]['inputs'], src)
+    np.testing.assert_array_equal(ts[i]['targets'], tgt)
+  assert len(ts[-1]['inputs']) == 0 and ts[-1]['targets'][-1] == EOS_ID
+  src_len, tgt_len = ts.lengths()
+  assert src_len[-1] == 0 and (tgt_len >= 2).all()
+  with pytest.raises(ValueError, match='read-only'):
+    ts[0]['inputs'][0] = 5
+  # A tfds array_record source (read in bulk with __getitems__) gives the same ids.
+  builder = data.prepare_tsv_builder(tsv_paths, other_lang='pt', data_dir=str(tmp_path))
+  source = data.translation_source(builder, 'train')
+  ts = data.tokenize_examples(source, tokenizer, src_key='en', tgt_key='pt', chunk_size=2)
+  for i, (src, tgt) in enumerate(_per_example(source, tokenizer, 'en', 'pt')):
+    np.testing.assert_array_equal(ts[i]['inputs'], src)
+    np.testing.assert_array_equal(ts[i]['targets'], tgt)
+  with pytest.raises(ValueError, match='make_dataset got'):
+    data.make_dataset(ts, None, data.PipelineConfig(batch_size=2, max_source_len=8,
+                                                    max_target_len=8),
+                      src_key='pt', tgt_key='en', train=True)
+
+
+def test_tokenized_source_validates_arrays():
+  ok = dict(src_ids=np.array([5, 6], np.int32), src_offsets=np.array([0, 2], np.int64),
+            tgt_ids=np.array([7, EOS_ID], np.int32), tgt_offsets=np.array([0, 2], np.int64))
+  data.TokenizedSource(**ok, src_key='a', tgt_key='b')
+  with pytest.raises(ValueError, match=r'src_offsets must run from 0 to len\(src_ids\)=2'):
+    data.TokenizedSource(**{**ok, 'src_offsets': np.array([0, 3])}, src_key='a',
+                         tgt_key='b')
+  with pytest.raises(ValueError, match='every target must end with EOS_ID'):
+    data.TokenizedSource(**{**ok, 'tgt_ids': np.array([7, 8], np.int32)}, src_key='a',
+                         tgt_key='b')
+  with pytest.raises(ValueError, match='expected a 1-D int32 array, got int64'):
+    data.TokenizedSource(**{**ok, 'src_ids': np.array([5, 6])}, src_key='a', tgt_key='b')
+
+
+def test_tokenize_source_cache_reused_then_rebuilt_when_bad(tsv_paths, tokenizer, tmp_path,
+                                                            caplog):
+  builder = data.prepare_tsv_builder(tsv_paths, other_lang='pt', data_dir=str(tmp_path))
+  source = data.translation_source(builder, 'train')
+  cache = tmp_path / 'tokenized'
+  counting = CountingTokenizer(tokenizer)
+
+  def build():
+    counting.calls = 0
+    return data.tokenize_source(source, counting, src_key='pt', tgt_key='en',
+                                cache_dir=str(cache))
+
+  def same(a, b):
+    for k in ('src_ids', 'src_offsets', 'tgt_ids', 'tgt_offsets'):
+      np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+
+  fresh = build()
+  assert counting.calls == 2  # one batched call per side
+  (path,) = cache.iterdir()
+  assert path.name.startswith('train-pt-en-') and path.suffix == '.npz'
+  same(build(), fresh)
+  assert counting.calls == 0  # read from the cache, the encoder never ran
+  # A different split or key order is a different file.
+  data.tokenize_source(source, counting, src_key='en', tgt_key='pt', cache_dir=str(cache))
+  assert len(list(cache.iterdir())) == 2
+
+  good = path.read_bytes()
+  mid = len(good) // 2
+  wrong_key = data.tokenize_examples(source, tokenizer, src_key='pt', tgt_key='en')
+  bad_files = {
+      'truncated': lambda: path.write_bytes(good[:mid]),
+      'flipped byte': lambda: path.write_bytes(
+          good[:mid] + bytes([good[mid] ^ 1]) + good[mid + 1:]),
+      'other tokenizer': lambda: wrong_key.save(str(path), {'tokenizer_sha256': '0' * 64}),
+  }
+  for what, corrupt in bad_files.items():
+    corrupt()
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+      rebuilt = build()
+    assert counting.calls == 2, what
+    assert any(str(path) in r.getMessage() and 'rebuilding' in r.getMessage()
+               for r in caplog.records), (what, caplog.text)
+    same(rebuilt, fresh)
+    same(build(), fresh)  # the rewritten file is good again
+    assert counting.calls == 0, what
+  assert sorted(p.suffix for p in cache.iterdir()) == ['.npz', '.npz']  # no temp files left
+  with pytest.raises(ValueError, match='pass source_id'):
+    data.tokenize_source([{'pt': 'a', 'en': 'b'}], tokenizer, src_key='pt', tgt_key='en',
+                         cache_dir=str(cache))
+
+
+def test_make_dataset_same_batches_from_text_or_tokenized_source(tokenizer):
+  pairs = list(data.read_tsv(data.embedded_paths()['validation'], 'pt'))[:60]
+  cfg = data.PipelineConfig(batch_size=4, max_source_len=24, max_target_len=24, seed=1)
+  tokens = data.tokenize_examples(pairs, tokenizer, src_key='pt', tgt_key='en')
+  for train in (True, False):
+    a = iter(data.make_dataset(pairs, tokenizer, cfg, src_key='pt', tgt_key='en',
+                               train=train))
+    b = iter(data.make_dataset(tokens, None, cfg, src_key='pt', tgt_key='en', train=train))
+    for want, got in zip(itertools.islice(a, 8), itertools.islice(b, 8), strict=True):
+      for key in data.BATCH_KEYS:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 # ------------------------------------------------------------------------ packing

@@ -1,4 +1,4 @@
-"""Data: TFDS TSV builder, SentencePiece tokenizer, grain seq2seq pipeline."""
+"""Data: TFDS TSV builder, SentencePiece tokenizer, tokenize-once cache, grain pipeline."""
 
 from flaxformer_mini.data.pipeline import (
     BATCH_KEYS,
@@ -8,6 +8,12 @@ from flaxformer_mini.data.pipeline import (
     shift_right_per_segment,
     split_for_devices,
     translation_source,
+)
+from flaxformer_mini.data.tokenized import (
+    TokenizedSource,
+    source_identity,
+    tokenize_examples,
+    tokenize_source,
 )
 from flaxformer_mini.data.tokenizer import (
     BOS_ID,

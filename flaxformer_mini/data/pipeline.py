@@ -1,7 +1,10 @@
 """Grain input pipeline for seq2seq translation: source -> shuffled, packed int32 batches.
 
     source (tfds data source: by name, or our TSV builder)
-      -> shard (host) -> shuffle(seed) -> repeat (train) -> tokenize -> truncate | drop
+      -> tokenize every example once, up front (`tokenized.TokenizedSource`, cached in
+         the run directory by `tasks.TranslationTask`)
+      -> drop empty (| overlong) examples, truncate (vectorised over stored lengths)
+      -> shard (host) -> shuffle(seed) -> repeat (train)
       -> pack (grain FirstFitPackIterDataset) | pad -> batch
 
 Each batch is a dict of int32 numpy arrays:
@@ -24,12 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from flaxformer_mini.data.tokenized import TokenizedSource, tokenize_examples
 from flaxformer_mini.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -97,20 +100,6 @@ def translation_source(name_or_builder: str | tfds.core.DatasetBuilder, split: s
     raise TypeError(f'expected a TFDS name or DatasetBuilder, got {type(name_or_builder)}')
   return tfds.data_source(name_or_builder, split=split, data_dir=data_dir,
                           download=download)
-
-
-def _check_keys(source, src_key: str, tgt_key: str) -> None:
-  if len(source) == 0:
-    raise ValueError(f'data source {source!r} is empty')
-  example = source[0]
-  missing = [k for k in (src_key, tgt_key) if k not in example]
-  if missing:
-    raise KeyError(f'language keys {missing} not in the examples; available keys '
-                   f'{sorted(example)}')
-
-
-def _text(x: Any) -> str:
-  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
 # ------------------------------------------------------------------------- pure helpers
@@ -200,52 +189,48 @@ def split_for_devices(batch: Mapping[str, np.ndarray], num_devices: int) -> Batc
 # ----------------------------------------------------------------------------- pipeline
 
 
-class _Tokenize(grain.transforms.Map):
-  """{src_key: text, tgt_key: text} -> {'inputs': [n] ids, 'targets': [m] ids + EOS}."""
+class _FittedExamples:
+  """The examples of a TokenizedSource that fit the config, truncated (random access).
 
-  def __init__(self, tokenizer: Tokenizer, src_key: str, tgt_key: str):
-    self._tokenizer, self._src_key, self._tgt_key = tokenizer, src_key, tgt_key
+  Vectorised once over the stored lengths: drops examples with an empty source or
+  target (and overlong ones when cfg.overlong == 'drop'). `[i]` is the i-th kept example,
+  {'inputs': [<= max_source_len] int32, 'targets': [<= max_target_len] int32}; a
+  truncated target keeps EOS as its last token.
+  """
 
-  def map(self, example):
-    src, tgt = self._tokenizer.encode([_text(example[self._src_key]),
-                                       _text(example[self._tgt_key])])
-    return {'inputs': src, 'targets': np.append(tgt, np.int32(EOS_ID))}
+  def __init__(self, tokens: TokenizedSource, cfg: PipelineConfig):
+    src_len, tgt_len = tokens.lengths()
+    keep = (src_len > 0) & (tgt_len > 1)
+    if cfg.overlong == 'drop':
+      keep &= (src_len <= cfg.max_source_len) & (tgt_len <= cfg.max_target_len)
+    self._tokens, self._cfg = tokens, cfg
+    self._index = np.flatnonzero(keep)
 
+  def __len__(self) -> int:
+    return len(self._index)
 
-class _FitLengths(grain.transforms.Filter):
-  """Drops empty examples, and overlong ones when overlong == 'drop'."""
-
-  def __init__(self, cfg: PipelineConfig):
-    self._cfg = cfg
-
-  def filter(self, ex) -> bool:
-    if len(ex['inputs']) == 0 or len(ex['targets']) <= 1:
-      return False
-    if self._cfg.overlong == 'drop':
-      return (len(ex['inputs']) <= self._cfg.max_source_len and
-              len(ex['targets']) <= self._cfg.max_target_len)
-    return True
-
-
-def _truncate(cfg: PipelineConfig):
-  def fn(ex):
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    ex = self._tokens[self._index[index]]
     targets = ex['targets']
-    if len(targets) > cfg.max_target_len:
-      targets = np.append(targets[:cfg.max_target_len - 1], np.int32(EOS_ID))
-    return {'inputs': ex['inputs'][:cfg.max_source_len], 'targets': targets}
-  return fn
+    if len(targets) > self._cfg.max_target_len:
+      targets = np.append(targets[:self._cfg.max_target_len - 1], np.int32(EOS_ID))
+    return {'inputs': ex['inputs'][:self._cfg.max_source_len], 'targets': targets}
 
 
-def make_dataset(source, tokenizer: Tokenizer, cfg: PipelineConfig, *, src_key: str,
-                 tgt_key: str, train: bool, pack: bool | None = None,
+def make_dataset(source, tokenizer: Tokenizer | None, cfg: PipelineConfig, *,
+                 src_key: str, tgt_key: str, train: bool, pack: bool | None = None,
                  num_epochs: int | None = None) -> grain.IterDataset:
   """The seq2seq pipeline as a grain IterDataset of batches (see module docstring).
 
   Args:
-    source: random-access source from `translation_source` (or any sequence of dicts).
-    tokenizer: joint source/target SentencePiece tokenizer.
+    source: a `TokenizedSource` (from `tokenized.tokenize_source`, e.g. cached in the
+      run directory), or a random-access text source from `translation_source` (or any
+      sequence of dicts), which is then tokenized here, once, up front.
+    tokenizer: joint source/target SentencePiece tokenizer (anything with
+      `encode(list[str])`); unused (may be None) for a TokenizedSource.
     cfg: sizes and seeds.
-    src_key / tgt_key: language keys of the examples, e.g. 'pt' and 'en'.
+    src_key / tgt_key: language keys of the examples, e.g. 'pt' and 'en'; must match
+      a TokenizedSource's.
     train: shuffle with cfg.seed (reshuffled each epoch) and repeat. Eval: source
       order, one epoch. A short final batch (finite epochs only) is padded to
       batch_size with all-zero rows (segmentation 0), so no example is ever dropped.
@@ -253,15 +238,25 @@ def make_dataset(source, tokenizer: Tokenizer, cfg: PipelineConfig, *, src_key: 
     num_epochs: train epochs (None = forever); eval always 1.
   Returns: IterDataset yielding dicts of int32 arrays keyed by BATCH_KEYS.
   """
-  _check_keys(source, src_key, tgt_key)
+  if isinstance(source, TokenizedSource):
+    if (source.src_key, source.tgt_key) != (src_key, tgt_key):
+      raise ValueError(f'tokenized source has keys {source.src_key!r} -> '
+                       f'{source.tgt_key!r}, make_dataset got {src_key!r} -> {tgt_key!r}')
+    tokens = source
+  else:
+    tokens = tokenize_examples(source, tokenizer, src_key=src_key, tgt_key=tgt_key)
+  examples = _FittedExamples(tokens, cfg)
+  if train and len(examples) == 0:  # would repeat nothing forever
+    raise ValueError(f'none of the {len(tokens)} examples has a non-empty source and '
+                     f'target{" that fit" if cfg.overlong == "drop" else ""} '
+                     f'(max_source_len={cfg.max_source_len}, '
+                     f'max_target_len={cfg.max_target_len}, overlong={cfg.overlong!r})')
   pack = train if pack is None else pack
-  ds = grain.MapDataset.source(source)
+  ds = grain.MapDataset.source(examples)
   if cfg.shard_count > 1:
     ds = ds[cfg.shard_index::cfg.shard_count]
   if train:
     ds = ds.shuffle(seed=cfg.seed).repeat(num_epochs)  # reseeds each epoch
-  ds = ds.map(_Tokenize(tokenizer, src_key, tgt_key)).filter(_FitLengths(cfg))
-  ds = ds.map(_truncate(cfg))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                             prefetch_buffer_size=4 * cfg.batch_size))
   if pack:
