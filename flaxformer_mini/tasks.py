@@ -145,6 +145,9 @@ class TranslationTask:
       ``<workdir>/tfds``;
     * a joint SentencePiece model ``<workdir>/spm.model``, trained on the train split
       unless it exists (a resumed run reuses it);
+    * the train and eval splits tokenized once, on first use, and cached in
+      ``<workdir>/tokenized/`` keyed by the tokenizer's sha256 (`data.tokenize_source`),
+      so the input pipeline only slices arrays and a restarted run reads the cache;
     * the model from ``config.model`` (its vocab_size must match the tokenizer).
   """
 
@@ -177,6 +180,7 @@ class TranslationTask:
                                model_type=d.spm_model_type)
     self.tokenizer = data_lib.load_tokenizer(spm_path)
     self.assets = {data_lib.tokenizer.MODEL_FILENAME: spm_path}
+    self._tokenized_dir = os.path.join(workdir, 'tokenized')
 
     self.model_config = TransformerConfig.from_dict(config.model)
     data_lib.check_vocab(self.tokenizer, self.model_config.vocab_size)
@@ -217,15 +221,29 @@ class TranslationTask:
                                    max_target_len=d.max_target_len, overlong=d.overlong,
                                    seed=seed)
 
+  def _tokenize(self, source) -> data_lib.TokenizedSource:
+    return data_lib.tokenize_source(source, self.tokenizer, src_key=self.src_key,
+                                    tgt_key=self.tgt_key, cache_dir=self._tokenized_dir)
+
+  @functools.cached_property
+  def train_tokens(self) -> data_lib.TokenizedSource:
+    """The train split, tokenized once (``<workdir>/tokenized/`` cache)."""
+    return self._tokenize(self.train_source)
+
+  @functools.cached_property
+  def eval_tokens(self) -> data_lib.TokenizedSource:
+    """The eval split, tokenized once (``<workdir>/tokenized/`` cache)."""
+    return self._tokenize(self.eval_source)
+
   def train_iterator(self):
     cfg = self._pipeline_config(self.config.batch_size, self.config.seed)
-    ds = data_lib.make_dataset(self.train_source, self.tokenizer, cfg, src_key=self.src_key,
+    ds = data_lib.make_dataset(self.train_tokens, self.tokenizer, cfg, src_key=self.src_key,
                                tgt_key=self.tgt_key, train=True, pack=self.config.data.pack)
     return iter(ds)
 
   def eval_batches(self):
     cfg = self._pipeline_config(self.config.data.eval_batch_size, 0)
-    return data_lib.make_dataset(self.eval_source, self.tokenizer, cfg, src_key=self.src_key,
+    return data_lib.make_dataset(self.eval_tokens, self.tokenizer, cfg, src_key=self.src_key,
                                  tgt_key=self.tgt_key, train=False, pack=False)
 
   # -- BLEU ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import collections
 import gzip
 import itertools
 import json
+import os
 import sys
 
 import numpy as np
@@ -12,6 +13,8 @@ import tensorflow_datasets as tfds
 
 from flaxformer_mini import data
 from flaxformer_mini.data import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 # Quotes, a non-ASCII letter and a stray comma: the TSV must be split on tabs only.
 TSV_ROWS = [
@@ -271,6 +274,33 @@ def test_make_dataset_same_batches_from_text_or_tokenized_source(tokenizer):
     for want, got in zip(itertools.islice(a, 8), itertools.islice(b, 8), strict=True):
       for key in data.BATCH_KEYS:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_translation_task_tokenizes_once_into_the_run_dir(tmp_path, monkeypatch):
+  """tasks.TranslationTask: both splits cached under <workdir>/tokenized/; a restarted
+  task (same workdir) reads them without encoding and yields the same batches."""
+  from configs import smoke
+  from flaxformer_mini import tasks
+  c = smoke.get_config()
+  c.data.train_split, c.data.spm_max_sentences = 'train[:300]', 300
+  c.data.tfds_dir = str(tmp_path / 'tfds')
+  workdir = str(tmp_path / 'run')
+  first = tasks.get_task(c, workdir)
+  want = next(first.train_iterator())
+  want_eval = list(first.eval_batches())
+  names = sorted(p.name for p in (tmp_path / 'run' / 'tokenized').iterdir())
+  assert [n.split('-')[:3] for n in names] == [['train_300_', 'pt', 'en'],
+                                               ['validation_64_', 'pt', 'en']], names
+  calls = []
+  encode = data.Tokenizer.encode
+  monkeypatch.setattr(data.Tokenizer, 'encode',
+                      lambda self, texts: calls.append(len(texts)) or encode(self, texts))
+  second = tasks.get_task(c, workdir)
+  got, got_eval = next(second.train_iterator()), list(second.eval_batches())
+  assert calls == []
+  for w, g in zip([want] + want_eval, [got] + got_eval, strict=True):
+    for key in data.BATCH_KEYS:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
 
 
 # ------------------------------------------------------------------------ packing

@@ -240,7 +240,8 @@ def tokenize_source(source, tokenizer, *, src_key: str, tgt_key: str,
   Args:
     source, tokenizer, src_key, tgt_key, chunk_size: as in `tokenize_examples`.
     cache_dir: e.g. '<workdir>/tokenized'; None tokenizes in memory only. The file is
-      `<cache_dir>/<split>-<src_key>-<tgt_key>-<16 hex of the key digest>.npz`.
+      `<cache_dir>/<split>-<src_key>-<tgt_key>-<16 hex of the key digest>.npz`, split
+      being the tfds split (else source_id) with other than [A-Za-z0-9_.-] as '_'.
     source_id: the source's identity in the cache key; default `source_identity(source)`
       (tfds dataset full name, whose config name fingerprints the TSV files, and split).
       Required with cache_dir for sources that are not tfds data sources.
@@ -263,7 +264,7 @@ def tokenize_source(source, tokenizer, *, src_key: str, tgt_key: str,
   key = {'format': CACHE_FORMAT, 'source': source_id, 'num_examples': len(source),
          'src_key': src_key, 'tgt_key': tgt_key, 'tokenizer_sha256': file_sha256(model_path)}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-  split = source_id.rsplit(':', 1)[-1]
+  split = getattr(source, 'split', None) or source_id
   name = re.sub(r'[^A-Za-z0-9_.-]+', '_', f'{split}-{src_key}-{tgt_key}')[:80]
   path = os.path.join(cache_dir, f'{name}-{digest}.npz')
 
