@@ -425,6 +425,30 @@ def test_resume_from_state_gives_identical_batches(num_packing_bins):
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_read_threads_do_not_change_batches_or_state():
+  # Runs checkpointed with reader threads (the old default, 2) resume with 0 (the new).
+  source = _int_source(50)
+
+  def make(threads):
+    cfg = data.PipelineConfig(batch_size=3, max_source_len=12, max_target_len=10, seed=5,
+                              read_threads=threads)
+    return iter(data.make_dataset(source, IntTokenizer(), cfg, src_key='src', tgt_key='tgt',
+                                  train=True))
+
+  threaded, plain = make(2), make(0)
+  for _ in range(7):
+    want, got = next(threaded), next(plain)
+    for key in data.BATCH_KEYS:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  state = json.loads(json.dumps(threaded.get_state()))
+  resumed = make(0)
+  resumed.set_state(state)
+  for _ in range(4):
+    want, got = next(threaded), next(resumed)
+    for key in data.BATCH_KEYS:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_end_to_end_tsv_builder_pipeline_resume(tsv_paths, tokenizer, tmp_path):
   builder = data.prepare_tsv_builder(tsv_paths, other_lang='pt', data_dir=str(tmp_path))
   cfg = data.PipelineConfig(batch_size=2, max_source_len=32, max_target_len=32)
