@@ -6,8 +6,9 @@
       -> optional cache file <cache_dir>/<split>-<src>-<tgt>-<digest>.npz
 
 The grain pipeline (`pipeline.make_dataset`) then only slices arrays per example; reading
-and decoding a tfds example (~130-200 us) and SentencePiece per pair (~100-500 us with
-thread start-up) no longer run in the training input path, once per epoch.
+and decoding a tfds example one at a time (~200-450 us measured on 2 cores; 80-90 us in
+bulk) and SentencePiece per pair (~100-500 us, mostly thread start-up) no longer run in
+the training input path once per example per epoch.
 
 Storage is int32 (not int16): a slice is then exactly what the pipeline consumes, with
 no per-example conversion, and 4 bytes a token is small (the 30k-pair embedded split is
