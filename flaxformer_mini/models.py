@@ -316,7 +316,10 @@ def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
                                     decode=True, mutable=["cache"], method=Transformer.decode)
     return logits[:, -1], new_state["cache"]
 
-  return tokens_to_logits, state["cache"]
+  # The barrier materialises the cache as built. Without it XLA sinks the cross-attention
+  # K/V transpose ([batch, src_len, heads, head_dim] -> [batch, heads, src_len, head_dim])
+  # into the decode loop and redoes it at every step (2 copies per layer per step).
+  return tokens_to_logits, jax.lax.optimization_barrier(state["cache"])
 
 
 def lm_decoding_fns(model: DecoderOnlyLM, params, batch_size: int,
