@@ -3,7 +3,10 @@
 # Python packages the GPU image lacks (ml_collections, grain, tfds, array_record,
 # tensorboardX and their small dependencies) travel as wheels in .whl/.
 # Every step is independent and time-boxed; logs land in $OUT (or /tmp/gpu_check).
+#   bash benchmarks/gpu_check.sh                      # all steps
+#   bash benchmarks/gpu_check.sh default_run          # only the named steps
 set -u
+WANT=" ${*:-tests train_bench decode_bench default_run} "
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -15,9 +18,11 @@ fi
 nvidia-smi -L
 python3 -c "import jax, flax, optax, orbax.checkpoint as ocp; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 
-step() { local name=$1 t=$2; shift 2; echo "=== $name"; local s=$(date +%s)
+step() { local name=$1 t=$2; shift 2; [[ $WANT == *" $name "* ]] || return 0
+  echo "=== $name"; local s=$(date +%s)
   timeout "$t" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
-  echo "=== $name rc=$rc in $(( $(date +%s) - s )) s"; tail -n 25 "$OUT/$name.log"; }
+  echo "=== $name rc=$rc in $(( $(date +%s) - s )) s"
+  tr "\r" "\n" <"$OUT/$name.log" | grep -v "^train: " | tail -n 25 | cut -c1-400; }
 
 # Numerics against float64 references on the GPU: full-precision matmuls (the GPU
 # default for float32 dots is TF32, about 1e-3 relative).
@@ -27,4 +32,4 @@ JAX_DEFAULT_MATMUL_PRECISION=highest step tests 240 python3 -m pytest -q -p no:c
 step train_bench 120 python3 benchmarks/train_throughput.py --systems ours --warmup 3 --rounds 3 --steps-per-round 10 --out "$OUT/train_gpu.json"
 step decode_bench 100 python3 benchmarks/decode_speed.py --systems ours --warmup 2 --rounds 3 --steps-per-round 5 --out "$OUT/decode_gpu.json"
 # End to end: the embedded default (tokenizer, grain loader, jit step, Orbax, greedy BLEU).
-step default_run 150 python3 train.py --workdir=/tmp/run_default
+step default_run 240 python3 train.py --workdir=/tmp/run_default
