@@ -26,7 +26,6 @@ summed over tokens/examples and a metrics dict of sums containing ``'weight'``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import logging
 import os
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_mini import data as data_lib
+from flaxformer_mini.data.tokenized import file_sha256  # noqa: F401  (checkpoints uses tasks.file_sha256)
 from flaxformer_mini import decoding
 from flaxformer_mini import training
 from flaxformer_mini.config import TransformerConfig
@@ -107,11 +107,6 @@ def get_task(config, workdir: str) -> Task:
     known = sorted(set(registered_tasks()) | set(BUILTIN_TASK_MODULES))
     raise ValueError(f'unknown task config.task={name!r}; known tasks: {known}')
   return _REGISTRY[name](config, workdir)
-
-
-def file_sha256(path: str) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- translation

@@ -226,6 +226,7 @@ def source_identity(source) -> str | None:
 
 
 def file_sha256(path: str) -> str:
+  """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
