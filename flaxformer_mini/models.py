@@ -10,6 +10,7 @@ from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from flaxformer_mini import attention as attn_lib
@@ -20,13 +21,30 @@ from flaxformer_mini.positions import RelativePositionBias
 Array = jax.Array
 
 
-def _check_length(cfg: TransformerConfig, ids: Array, what: str) -> None:
+def _check_length(cfg: TransformerConfig, ids: Array, what: str,
+                  vocab_size: Optional[int] = None) -> None:
+  """Shape, dtype and length of [batch, length] ids; their range too when they are concrete.
+
+  Out-of-range ids would otherwise read NaN embeddings (``jnp.take``'s fill mode). The
+  range check runs on eager calls only: under ``jit`` the values are not known.
+  """
   if ids.ndim != 2:
     raise ValueError(f"expected {what} of shape [batch, length], got {ids.shape}")
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise TypeError(f"expected integer token ids for {what}, got dtype {ids.dtype}")
   if ids.shape[1] > cfg.max_len:
     raise ValueError(f"{what} length {ids.shape[1]} exceeds max_len={cfg.max_len}")
+  if vocab_size is None or ids.size == 0:
+    return
+  try:
+    values = np.asarray(ids)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  bad = (values < 0) | (values >= vocab_size)
+  if bad.any():
+    row, col = map(int, np.argwhere(bad)[0])
+    raise ValueError(f"{what}[{row}, {col}] = {int(values[row, col])} is not a token id of "
+                     f"this model: ids must be in [0, vocab_size={vocab_size})")
 
 
 def _default_positions(ids: Array, positions: Optional[Array]) -> Array:
@@ -65,7 +83,7 @@ class Encoder(nn.Module):
       [batch, src_len, d_model].
     """
     cfg = self.cfg
-    _check_length(cfg, inputs, "inputs")
+    _check_length(cfg, inputs, "inputs", getattr(self.embed, "num_embeddings", None))
     positions = _default_positions(inputs, positions)
     x = InputEmbedding(cfg, self.embed, name="input_embedding")(
         inputs, positions, deterministic=deterministic)
@@ -121,7 +139,8 @@ class Decoder(nn.Module):
       [batch, tgt_len, out_vocab_size] float32 logits.
     """
     cfg = self.cfg
-    _check_length(cfg, decoder_inputs, "decoder_inputs")
+    _check_length(cfg, decoder_inputs, "decoder_inputs",
+                  getattr(self.embed, "num_embeddings", None))
     stepping = decode and self.has_variable("cache", "decode_index")
     self_bias = None
     if stepping:

@@ -449,6 +449,20 @@ def test_error_float_token_ids_name_the_dtype():
                    jnp.ones((1, 4), jnp.float32))
 
 
+def test_error_out_of_range_token_id_names_it(base):
+  # Eager calls check id values (a bad id would otherwise embed as NaN); under jit the
+  # values are unknown and the call goes through.
+  model, params = base[0], base[1]
+  src = jnp.ones((2, 5), jnp.int32)
+  with pytest.raises(ValueError, match=rf"inputs\[1, 3\] = {BASE.vocab_size} is not a token "
+                                       rf"id.*\[0, vocab_size={BASE.vocab_size}\)"):
+    model.apply({"params": params}, src.at[1, 3].set(BASE.vocab_size), src)
+  with pytest.raises(ValueError, match=r"decoder_inputs\[0, 0\] = -1 is not a token id"):
+    model.apply({"params": params}, src, src.at[0, 0].set(-1))
+  out = model.apply({"params": params}, src, src)  # valid ids pass the check
+  assert out.shape == (2, 5, BASE.vocab_size) and np.isfinite(np.asarray(out)).all()
+
+
 def test_error_unknown_config_key():
   with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['d_modle'\]"):
     TransformerConfig.from_dict({"d_modle": 16})
