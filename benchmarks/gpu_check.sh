@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # GPU path check, run on a lent GPU machine (see benchmarks/README.md, "GPU").
 # Python packages the GPU image lacks (ml_collections, grain, tfds, array_record,
-# tensorboardX and their small dependencies) travel as wheels in .whl/.
+# tensorboardX and their small dependencies) travel as wheels in .whl/, fetched with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     ml_collections==1.1.0 grain==0.2.18 tensorflow-datasets==4.9.10 array_record==0.8.6 \
+#     tensorboardX==2.6.5 dm-tree==0.1.10 immutabledict==4.3.1 simple-parsing==0.1.9 \
+#     tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2 docstring-parser portpicker \
+#     googleapis-common-protos==1.76.0
+#   pip wheel --no-deps -w .whl promise==2.3        # sdist only on PyPI
 # Every step is independent and time-boxed; logs land in $OUT (or /tmp/gpu_check).
 #   bash benchmarks/gpu_check.sh                      # all steps
 #   bash benchmarks/gpu_check.sh default_run          # only the named steps
