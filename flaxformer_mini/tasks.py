@@ -128,8 +128,7 @@ def _data_paths(d) -> dict[str, str]:
   raise ValueError(f"config.data.source={d.source!r} is not one of ('embedded', 'shared')")
 
 
-def _text(x) -> str:
-  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+_READ_CHUNK = 65536  # examples read at a time when streaming the train split
 
 
 class TranslationTask:
@@ -169,7 +168,10 @@ class TranslationTask:
           d.spm_max_sentences, len(self.train_source))
       logging.info('training SentencePiece (%d pairs, vocab %d) -> %s', n, d.vocab_size,
                    spm_path)
-      sentences = (_text(self.train_source[i][k]) for i in range(n)
+      sentences = (data_lib.as_text(ex[k])
+                   for start in range(0, n, _READ_CHUNK)
+                   for ex in data_lib.read_examples(self.train_source, start,
+                                                    min(n, start + _READ_CHUNK))
                    for k in (self.src_key, self.tgt_key))
       data_lib.train_tokenizer(sentences, workdir, vocab_size=d.vocab_size,
                                model_type=d.spm_model_type)
@@ -285,9 +287,9 @@ class TranslationTask:
     e = self.config.eval
     n = len(self.eval_source) if not e.bleu_examples else min(e.bleu_examples,
                                                                len(self.eval_source))
-    examples = [self.eval_source[i] for i in range(n)]
-    sources = [_text(x[self.src_key]) for x in examples]
-    refs = [_text(x[self.tgt_key]) for x in examples]
+    examples = data_lib.read_examples(self.eval_source, 0, n)
+    sources = [data_lib.as_text(x[self.src_key]) for x in examples]
+    refs = [data_lib.as_text(x[self.tgt_key]) for x in examples]
     hyps = self.translate(params, sources)
     bleu = sacrebleu.corpus_bleu(hyps, [refs])
     samples = [f'  src: {s}\n  ref: {r}\n  hyp: {h}'

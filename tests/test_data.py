@@ -163,8 +163,7 @@ def _per_example(source, tokenizer, src_key, tgt_key):
   out = []
   for i in range(len(source)):
     ex = source[i]
-    src, tgt = tokenizer.encode([data.tokenized._text(ex[src_key]),
-                                 data.tokenized._text(ex[tgt_key])])
+    src, tgt = tokenizer.encode([data.as_text(ex[src_key]), data.as_text(ex[tgt_key])])
     out.append((src, np.append(tgt, np.int32(EOS_ID))))
   return out
 

@@ -11,6 +11,8 @@ from flaxformer_mini.data.pipeline import (
 )
 from flaxformer_mini.data.tokenized import (
     TokenizedSource,
+    as_text,
+    read_examples,
     source_identity,
     tokenize_examples,
     tokenize_source,

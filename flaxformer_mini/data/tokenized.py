@@ -146,11 +146,12 @@ def _check_ragged(name: str, ids: np.ndarray, offsets: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- building
 
 
-def _text(x: Any) -> str:
+def as_text(x: Any) -> str:
+  """A tfds text feature (bytes) or a str as str."""
   return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
-def _read_examples(source, start: int, stop: int) -> list:
+def read_examples(source, start: int, stop: int) -> list:
   """source[start:stop] as a list of dicts, in bulk when the source can.
 
   tfds data sources read records in bulk with `__getitems__` (~1.7x faster per example
@@ -203,9 +204,9 @@ def tokenize_examples(source, tokenizer, *, src_key: str, tgt_key: str,
                    f'{sorted(first)}')
   parts = {'src': [], 'tgt': [], 'src_len': [], 'tgt_len': []}
   for start in range(0, n, chunk_size):
-    examples = _read_examples(source, start, min(n, start + chunk_size))
+    examples = read_examples(source, start, min(n, start + chunk_size))
     for side, key, append in (('src', src_key, None), ('tgt', tgt_key, EOS_ID)):
-      ids, lengths = _ragged(tokenizer.encode([_text(ex[key]) for ex in examples]), append)
+      ids, lengths = _ragged(tokenizer.encode([as_text(ex[key]) for ex in examples]), append)
       parts[side].append(ids)
       parts[f'{side}_len'].append(lengths)
 
