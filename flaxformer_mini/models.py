@@ -21,8 +21,8 @@ from flaxformer_mini.positions import RelativePositionBias
 Array = jax.Array
 
 
-def _check_length(cfg: TransformerConfig, ids: Array, what: str,
-                  vocab_size: Optional[int] = None) -> None:
+def _check_ids(cfg: TransformerConfig, ids: Array, what: str,
+               vocab_size: Optional[int] = None) -> None:
   """Shape, dtype and length of [batch, length] ids; their range too when they are concrete.
 
   Out-of-range ids would otherwise read NaN embeddings (``jnp.take``'s fill mode). The
@@ -83,7 +83,7 @@ class Encoder(nn.Module):
       [batch, src_len, d_model].
     """
     cfg = self.cfg
-    _check_length(cfg, inputs, "inputs", getattr(self.embed, "num_embeddings", None))
+    _check_ids(cfg, inputs, "inputs", getattr(self.embed, "num_embeddings", None))
     positions = _default_positions(inputs, positions)
     x = InputEmbedding(cfg, self.embed, name="input_embedding")(
         inputs, positions, deterministic=deterministic)
@@ -139,8 +139,8 @@ class Decoder(nn.Module):
       [batch, tgt_len, out_vocab_size] float32 logits.
     """
     cfg = self.cfg
-    _check_length(cfg, decoder_inputs, "decoder_inputs",
-                  getattr(self.embed, "num_embeddings", None))
+    _check_ids(cfg, decoder_inputs, "decoder_inputs",
+               getattr(self.embed, "num_embeddings", None))
     stepping = decode and self.has_variable("cache", "decode_index")
     self_bias = None
     if stepping:
