@@ -98,6 +98,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from tqdm import tqdm
   from flaxformer_mini import checkpoints, tasks, training
 
+  if config.batch_chunks < 1 or config.batch_size % config.batch_chunks:
+    raise ValueError(f'batch_chunks={config.batch_chunks} must be >= 1 and divide '
+                     f'batch_size={config.batch_size}')
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -105,11 +108,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_setup = time.time()
   task = tasks.get_task(config, workdir)
   tx, schedule = training.make_optimizer(config)
-  fns = training.make_step_fns(task.loss_and_metrics, tx, config.parallel)
+  fns = training.make_step_fns(task.loss_and_metrics, tx, config.parallel, config.batch_chunks)
   if config.batch_size % fns.num_devices or config.data.eval_batch_size % fns.num_devices:
     raise ValueError(f'batch_size={config.batch_size} and data.eval_batch_size='
                      f'{config.data.eval_batch_size} must be multiples of the '
                      f'{fns.num_devices} devices')
+  if config.batch_size % (fns.num_devices * config.batch_chunks):
+    raise ValueError(f'batch_size={config.batch_size} must be a multiple of '
+                     f'batch_chunks={config.batch_chunks} x {fns.num_devices} devices')
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   state = training.TrainState.create(task.init_params(init_rng), tx, train_rng)
   train_iter = task.train_iterator()

@@ -102,13 +102,15 @@ def _block(tree):
   return jax.block_until_ready(tree)
 
 
-def make_ours(batch: dict, impl: str = "auto"):
+def make_ours(batch: dict, impl: str = "auto", batch_chunks: int = 4):
   """flaxformer_mini `Transformer`; returns (step_fn, description).
 
   impl='library': `flaxformer_mini.training` (make_optimizer + make_step_fns: jitted
   train_step with the state donated) and its `cross_entropy_sums` loss.
   impl='fallback': plain optax.adam + jax.jit value_and_grad step built here.
   impl='auto': library if `flaxformer_mini.training` imports, else fallback.
+  batch_chunks: the library step's `batch_chunks` (the loss over 4 row chunks of the
+  batch in one graph: the same gradient, ~8 % faster on a 2-core CPU).
   """
   import jax
   import jax.numpy as jnp
@@ -148,7 +150,7 @@ def make_ours(batch: dict, impl: str = "auto"):
                                          batch["targets"] != PAD_ID, 0.0)
       return sums["loss"], sums
 
-    fns = training.make_step_fns(loss_fn, tx, "jit")
+    fns = training.make_step_fns(loss_fn, tx, "jit", batch_chunks=batch_chunks)
     holder = {"state": fns.put_state(training.TrainState.create(params, tx,
                                                                 jax.random.key(1)))}
 
@@ -157,7 +159,7 @@ def make_ours(batch: dict, impl: str = "auto"):
       _block((holder["state"], metrics))
 
     return step, ("library: training.make_optimizer (constant lr, no clipping) + "
-                  "make_step_fns('jit') + cross_entropy_sums")
+                  f"make_step_fns('jit', batch_chunks={batch_chunks}) + cross_entropy_sums")
 
   def logits_fn(p, batch, step_rng):
     return model.apply({"params": p}, batch["inputs"], batch["decoder_inputs"],
@@ -306,6 +308,8 @@ def main(argv=None):
                  help="comma-separated subset of ours,hf,torch")
   p.add_argument("--ours", default="auto", choices=("auto", "library", "fallback"),
                  help="our train step: the library's training.py or the plain fallback")
+  p.add_argument("--batch-chunks", type=int, default=4,
+                 help="our library step's batch_chunks (1 = the whole batch in one piece)")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps-per-round", type=int, default=6)
@@ -340,7 +344,7 @@ def main(argv=None):
         + f" (float32 1024^3 matmul, best call); MFU uses {peak_flops / 1e9:.1f}")
 
   batch = make_batch()
-  builders = {"ours": lambda: make_ours(batch, args.ours), "hf": lambda: make_hf(batch),
+  builders = {"ours": lambda: make_ours(batch, args.ours, args.batch_chunks), "hf": lambda: make_hf(batch),
               "torch": lambda: make_torch(batch, args.torch_threads)}
   steps, descriptions, compile_s = {}, {}, {}
   for name in systems:

@@ -109,6 +109,52 @@ def test_grad_accumulation_equals_big_batch(rng):
   assert not np.allclose(accumulated['w'], params['w'])
 
 
+def test_batch_chunks_give_the_unchunked_update(rng):
+  config = smoke.get_config()
+  config.optimizer.update(schedule='constant', learning_rate=0.05)
+  params = {'w': rng.normal(size=(6, 5)).astype(np.float32), 'b': np.zeros(5, np.float32)}
+  batch = {'x': jnp.asarray(rng.normal(size=(8, 3, 6)), jnp.float32),
+           'y': jnp.asarray(rng.integers(0, 5, size=(8, 3))),
+           'mask': jnp.asarray(rng.random((8, 3)) > 0.4, jnp.float32)}  # unequal per chunk
+  tx, _ = training.make_optimizer(config)
+
+  def run(chunks):
+    fns = training.make_step_fns(_toy_loss, tx, 'jit', batch_chunks=chunks)
+    state = training.TrainState.create(jax.tree_util.tree_map(jnp.array, params), tx,
+                                       jax.random.PRNGKey(0))
+    for _ in range(2):
+      state, metrics = fns.train(state, batch)
+    return state.params, metrics
+
+  want_params, want_metrics = run(1)
+  for chunks in (2, 4):
+    got_params, got_metrics = run(chunks)
+    for a, b in zip(jax.tree_util.tree_leaves(got_params), jax.tree_util.tree_leaves(want_params)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k in want_metrics:
+      np.testing.assert_allclose(got_metrics[k], want_metrics[k], rtol=1e-5, err_msg=k)
+  assert not np.allclose(want_params['w'], params['w'])
+
+
+def test_chunked_loss_keys_and_errors():
+  def loss_fn(params, batch, rng, deterministic):  # records the key and rows it saw
+    u = jax.random.uniform(rng, ())
+    return jnp.sum(batch['x']) * u, {'u': u, 'rows': jnp.asarray(batch['x'].shape[0], jnp.float32)}
+
+  key = jax.random.PRNGKey(3)
+  x = {'x': jnp.ones((6, 2))}
+  _, one = training.chunked_loss(loss_fn, None, x, key, 1)
+  assert float(one['u']) == float(jax.random.uniform(key, ())) and float(one['rows']) == 6
+  _, three = training.chunked_loss(loss_fn, None, x, key, 3)
+  want = sum(float(jax.random.uniform(jax.random.fold_in(key, i), ())) for i in range(3))
+  np.testing.assert_allclose(float(three['u']), want, rtol=1e-6)
+  assert float(three['rows']) == 6
+  with pytest.raises(ValueError, match=r'batch_chunks=4 must divide the rows .* \[6\]'):
+    training.chunked_loss(loss_fn, None, x, key, 4)
+  with pytest.raises(ValueError, match='batch_chunks=0'):
+    training.make_step_fns(loss_fn, optax.sgd(0.1), 'jit', batch_chunks=0)
+
+
 def test_weight_decay_mask_skips_embeddings_biases_and_norms():
   params = {'embedding': {'embedding': jnp.ones((4, 3))},
             'layer_0': {'dense': {'kernel': jnp.ones((3, 3)), 'bias': jnp.ones(3)},
@@ -178,7 +224,7 @@ def runs(tmp_path_factory):
 
   Two subprocesses start first and run while this process trains in-process:
     four:    parallel=pmap on 4 simulated CPU devices (XLA_FLAGS must precede jax init),
-             dropout off;
+             dropout off, each device's rows in 2 chunks (batch_chunks=2);
     killed:  smoke defaults (dropout on), SIGKILLed once its first checkpoint exists,
              then resumed in-process to the end.
   In-process: reference (smoke defaults, uninterrupted, with final BLEU) and one
@@ -191,7 +237,7 @@ def runs(tmp_path_factory):
   data.prepare_tsv_builder(data.embedded_paths(), other_lang='pt', data_dir=tfds_dir)
   dirs = {name: str(root / name) for name in ('four', 'killed', 'reference', 'one')}
   common = {'data.tfds_dir': tfds_dir}
-  four = _subprocess(dirs['four'], {**common, **NO_DROPOUT, 'parallel': 'pmap'},
+  four = _subprocess(dirs['four'], {**common, **NO_DROPOUT, 'parallel': 'pmap', 'batch_chunks': 2},
                      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   killed = _subprocess(dirs['killed'], {**common, **NO_BLEU})
   killer = _kill_after_first_checkpoint(killed, dirs['killed'])
@@ -318,6 +364,12 @@ def test_load_for_inference_errors_name_what_is_missing(runs, tmp_path):
                   os.path.join(copy, 'checkpoints'))
   with pytest.raises(FileNotFoundError, match='tokenizer file missing.*spm.model'):
     checkpoints.load_for_inference(copy)
+
+
+def test_batch_chunks_must_divide_the_batch(tmp_path):
+  with pytest.raises(ValueError, match=r'batch_chunks=3 must be >= 1 and divide batch_size=16'):
+    train.train_and_evaluate(_smoke_config(batch_chunks=3), str(tmp_path))
+  assert not os.listdir(tmp_path)  # refused before writing anything
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
