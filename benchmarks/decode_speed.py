@@ -110,10 +110,56 @@ def make_hf(inputs: np.ndarray):
           "hf_beam4": (lambda: check(jax.block_until_ready(beam(params, src, mask))))}
 
 
+def make_floor(inputs: np.ndarray):
+  """A floor for a float32 decode step under XLA on this machine: the step's weight
+  matmuls and nothing else, in the same kind of jitted 64-step loop.
+
+  Per step and decoder layer: self-attention q, k, v, o and cross-attention q, o
+  (d x d each), FFN wi (d x f) and wo (f x d); then the tied output projection
+  x @ E^T (E [vocab, d]) and an argmax whose embedding feeds the next step. Weights
+  are random, stored [in, out] like ours. No attention over a cache, no norms, no
+  softmax, no search bookkeeping: a real decoder does all of this plus those.
+  "floor_greedy" runs 8 rows, "floor_beam4" 8 x 4 rows; tokens/s counts 8 x 64
+  output tokens per call like the real decodes.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  d, f, v = MODEL["d_model"], MODEL["d_ff"], MODEL["vocab_size"]
+  n, b = DECODE["new_tokens"], DECODE["batch_size"]
+  rng = np.random.default_rng(0)
+  w = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02)
+  params = {"layers": [{k: w(d, d) for k in ("q", "k", "v", "o", "cq", "co")}
+                       | {"wi": w(d, f), "wo": w(f, d)}
+                       for _ in range(MODEL["num_decoder_layers"])],
+            "embedding": w(v, d)}
+
+  def step(x, p):
+    for l in p["layers"]:
+      x = x + (x @ l["q"]) * (x @ l["k"]) @ l["o"] + x @ l["v"]
+      x = x + (x @ l["cq"]) @ l["co"]
+      x = x + jax.nn.relu(x @ l["wi"]) @ l["wo"]
+    logits = x @ p["embedding"].T
+    return p["embedding"][jnp.argmax(logits, axis=-1)] + 0.5 * x
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def run(p, x0, rows):
+    del rows
+    return jax.lax.fori_loop(0, n, lambda i, x: step(x, p), x0)
+
+  out = {}
+  for name, rows in (("floor_greedy", b), ("floor_beam4", b * DECODE["beam_size"])):
+    x0 = w(rows, d)
+    out[name] = functools.partial(lambda x0, rows: jax.block_until_ready(run(params, x0, rows)),
+                                  x0, rows)
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="1 warmup + 1x2 timed calls (smoke run)")
-  p.add_argument("--systems", default="ours,hf", help="comma-separated subset of ours,hf")
+  p.add_argument("--systems", default="ours,hf,floor",
+                 help="comma-separated subset of ours,hf,floor (floor: matmuls only, see make_floor)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps-per-round", type=int, default=4)
@@ -122,9 +168,9 @@ def main(argv=None):
   if args.quick:
     args.warmup, args.rounds, args.steps_per_round = 1, 1, 2
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-  unknown = set(systems) - {"ours", "hf"}
+  unknown = set(systems) - {"ours", "hf", "floor"}
   if unknown:
-    p.error(f"--systems: unknown {sorted(unknown)}; expected a subset of ours,hf")
+    p.error(f"--systems: unknown {sorted(unknown)}; expected a subset of ours,hf,floor")
 
   info = common.machine_info()
   config = {"model": MODEL, "decode": DECODE, "dtype": "float32",
@@ -136,7 +182,7 @@ def main(argv=None):
   common.print_header("decode_speed", info, config)
 
   inputs = make_inputs()
-  builders = {"ours": make_ours, "hf": make_hf}
+  builders = {"ours": make_ours, "hf": make_hf, "floor": make_floor}
   steps, compile_s = {}, {}
   for system in systems:
     for name, step in builders[system](inputs).items():
@@ -167,6 +213,11 @@ def main(argv=None):
       ratio = results[f"ours_{mode}"]["tokens_per_s"] / results[f"hf_{mode}"]["tokens_per_s"]
       summary[f"ours_over_hf_{mode}"] = ratio
       print(f"ours / hf {mode}: {ratio:.2f}x (target >= 3x)")
+    if f"floor_{mode}" in results and f"hf_{mode}" in results:
+      ratio = results[f"floor_{mode}"]["tokens_per_s"] / results[f"hf_{mode}"]["tokens_per_s"]
+      summary[f"floor_over_hf_{mode}"] = ratio
+      print(f"matmul-only floor / hf {mode}: {ratio:.2f}x (the step's weight matmuls alone, "
+            "as XLA runs them on this machine)")
   common.write_json(args.out, {"benchmark": "decode_speed", "machine": info, "config": config,
                                "results": results, "summary": summary})
 
