@@ -344,7 +344,8 @@ def main(argv=None):
         + f" (float32 1024^3 matmul, best call); MFU uses {peak_flops / 1e9:.1f}")
 
   batch = make_batch()
-  builders = {"ours": lambda: make_ours(batch, args.ours, args.batch_chunks), "hf": lambda: make_hf(batch),
+  builders = {"ours": lambda: make_ours(batch, args.ours, args.batch_chunks),
+              "hf": lambda: make_hf(batch),
               "torch": lambda: make_torch(batch, args.torch_threads)}
   steps, descriptions, compile_s = {}, {}, {}
   for name in systems:

@@ -98,7 +98,7 @@ class Checkpointer:
       task: task name.
       metrics: dev metrics of this step; ``metrics[BEST_METRIC]`` ranks the best ones.
     """
-    from flaxformer_mini.tasks import file_sha256
+    from flaxformer_mini.data.tokenized import file_sha256
     meta = {'step': int(step), 'task': task, 'time': time.time(),
             'assets': {name: file_sha256(p) for name, p in (assets or {}).items()},
             'metrics': metrics or {}}
@@ -210,7 +210,7 @@ def load_for_inference(run_dir: str, step: Optional[int] = None):
     FileNotFoundError naming the missing run dir / checkpoint dir / step / tokenizer file.
   """
   from flaxformer_mini import data as data_lib
-  from flaxformer_mini.tasks import file_sha256
+  from flaxformer_mini.data.tokenized import file_sha256
   run_dir = os.path.abspath(run_dir)
   ckpt_dir = os.path.join(run_dir, CHECKPOINT_SUBDIR)
   if not os.path.isdir(run_dir):

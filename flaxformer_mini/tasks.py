@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_mini import data as data_lib
-from flaxformer_mini.data.tokenized import file_sha256  # noqa: F401  (checkpoints uses tasks.file_sha256)
 from flaxformer_mini import decoding
 from flaxformer_mini import training
 from flaxformer_mini.config import TransformerConfig
@@ -128,9 +127,6 @@ def _data_paths(d) -> dict[str, str]:
   raise ValueError(f"config.data.source={d.source!r} is not one of ('embedded', 'shared')")
 
 
-_READ_CHUNK = 65536  # examples read at a time when streaming the train split
-
-
 class TranslationTask:
   """Seq2seq translation (``config.data.src_lang`` -> ``tgt_lang``) with `Transformer`.
 
@@ -169,10 +165,8 @@ class TranslationTask:
       logging.info('training SentencePiece (%d pairs, vocab %d) -> %s', n, d.vocab_size,
                    spm_path)
       sentences = (data_lib.as_text(ex[k])
-                   for start in range(0, n, _READ_CHUNK)
-                   for ex in data_lib.read_examples(self.train_source, start,
-                                                    min(n, start + _READ_CHUNK))
-                   for k in (self.src_key, self.tgt_key))
+                   for chunk in data_lib.read_chunks(self.train_source, n)
+                   for ex in chunk for k in (self.src_key, self.tgt_key))
       data_lib.train_tokenizer(sentences, workdir, vocab_size=d.vocab_size,
                                model_type=d.spm_model_type)
     self.tokenizer = data_lib.load_tokenizer(spm_path)

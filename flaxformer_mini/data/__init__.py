@@ -12,6 +12,7 @@ from flaxformer_mini.data.pipeline import (
 from flaxformer_mini.data.tokenized import (
     TokenizedSource,
     as_text,
+    read_chunks,
     read_examples,
     source_identity,
     tokenize_examples,

@@ -29,7 +29,7 @@ import os
 import re
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,6 +168,12 @@ def read_examples(source, start: int, stop: int) -> list:
   return [source[i] for i in range(start, stop)]
 
 
+def read_chunks(source, stop: int, chunk_size: int = 65536) -> Iterator[list]:
+  """source[0:stop] as consecutive lists of up to `chunk_size` examples (`read_examples`)."""
+  for start in range(0, stop, chunk_size):
+    yield read_examples(source, start, min(stop, start + chunk_size))
+
+
 def _ragged(rows: Sequence[Sequence[int]], append: int | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
   """rows: [n] id sequences -> (flat [total] int32, lengths [n] int64), + `append`."""
@@ -203,8 +209,7 @@ def tokenize_examples(source, tokenizer, *, src_key: str, tgt_key: str,
     raise KeyError(f'language keys {missing} not in the examples; available keys '
                    f'{sorted(first)}')
   parts = {'src': [], 'tgt': [], 'src_len': [], 'tgt_len': []}
-  for start in range(0, n, chunk_size):
-    examples = read_examples(source, start, min(n, start + chunk_size))
+  for examples in read_chunks(source, n, chunk_size):
     for side, key, append in (('src', src_key, None), ('tgt', tgt_key, EOS_ID)):
       ids, lengths = _ragged(tokenizer.encode([as_text(ex[key]) for ex in examples]), append)
       parts[side].append(ids)
