@@ -8,6 +8,10 @@ Rerunning the same command resumes from the newest readable checkpoint in --work
 (params, optimizer, step, RNG and the data-iterator position). SIGTERM or Ctrl-C stops
 after the current step and saves a checkpoint; a second Ctrl-C aborts at once.
 
+On Linux with glibc, train.py first re-executes itself once with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 so that XLA's CPU buffers sit on transparent
+huge pages (flaxformer_mini/runtime.py; FLAXFORMER_MINI_HUGE_PAGES=0 turns it off).
+
 Outputs in --workdir: checkpoints/, spm.model, config.json, metrics.jsonl (one JSON
 object per logged step: train/*, dev/*, learning_rate, tokens_per_s) and tb/
 (TensorBoard event files).
@@ -128,7 +132,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_iter.set_state(data_state)
     print(f'resumed from {ckpt.directory}/{start}', flush=True)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  from flaxformer_mini import runtime
   print(f'task={task.name} params={n_params:,} devices={fns.num_devices} ({config.parallel}) '
+        f'huge_pages={"on" if runtime.huge_pages_active() else "off"} '
         f'setup={time.time() - t_setup:.1f}s workdir={workdir}', flush=True)
   dstate = fns.put_state(state)
   del state
@@ -247,4 +253,6 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
+  from flaxformer_mini import runtime
+  runtime.reexec_with_huge_pages()  # CPU: XLA's buffers on huge pages (+25-30 % steps/s)
   app.run(main, flags_parser=parse_flags)
