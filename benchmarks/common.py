@@ -60,6 +60,22 @@ def _version(module: str) -> Optional[str]:
     return None
 
 
+def _thp_mode() -> Optional[str]:
+  from flaxformer_mini import runtime
+  return runtime.thp_mode()
+
+
+def huge_pages(enabled: bool) -> None:
+  """Re-executes the benchmark with XLA's (and torch's) buffers on huge pages, as
+  train.py runs (flaxformer_mini.runtime); all systems share the process, so all get
+  them. ``enabled=False`` pins them off (FLAXFORMER_MINI_HUGE_PAGES=0 for the record)."""
+  from flaxformer_mini import runtime
+  if enabled:
+    runtime.reexec_with_huge_pages()
+  else:
+    os.environ[runtime.OPT_OUT] = "0"
+
+
 def machine_info() -> Dict[str, Any]:
   """CPU model, visible cores, load average, library versions and relevant env vars."""
   info = {
@@ -73,8 +89,10 @@ def machine_info() -> Dict[str, Any]:
       "versions": {m: _version(m) for m in
                    ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers")},
       "env": {k: os.environ[k] for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                         "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL")
+                                         "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL",
+                                         "GLIBC_TUNABLES", "FLAXFORMER_MINI_HUGE_PAGES")
               if k in os.environ},
+      "transparent_huge_pages": _thp_mode(),
   }
   return info
 
@@ -87,6 +105,8 @@ def print_header(title: str, info: Dict[str, Any], config: Dict[str, Any]) -> No
   print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
   if info["env"]:
     print(f"env:      {info['env']}")
+  print(f"memory:   transparent huge pages {info['transparent_huge_pages']}; malloc hugetlb "
+        f"{'on' if 'glibc.malloc.hugetlb=1' in info['env'].get('GLIBC_TUNABLES', '') else 'off'}")
   print("config:   " + json.dumps(config, sort_keys=True))
   sys.stdout.flush()
 

@@ -157,7 +157,10 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps-per-round", type=int, default=4)
   p.add_argument("--out", default="", help="write the JSON result here")
+  p.add_argument("--no-huge-pages", action="store_true",
+                 help="do not re-execute with glibc.malloc.hugetlb=1 (see common.huge_pages)")
   args = p.parse_args(argv)
+  common.huge_pages(not args.no_huge_pages)
   if args.quick:
     args.warmup, args.rounds, args.steps_per_round = 1, 1, 2
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]

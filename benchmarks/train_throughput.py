@@ -204,6 +204,85 @@ def _adam_step_runner(logits_fn, params, jbatch, seed):
   return step
 
 
+# ----------------------------------------------------------------------------- floor
+
+
+def make_floor(batch: dict, batch_chunks: int = 4):
+  """A floor for a float32 train step of `MODEL` under XLA on this machine: the step's
+  matmuls and the least else that keeps them alive, chunked like ours.
+
+  Forward per chunk of ``batch_size / batch_chunks`` rows: embedding gather, per encoder
+  layer the q, k, v projections ([d, heads, head_dim] kernels), the attention score and
+  value dots (q.k^T, s.v, no softmax, mask or scale), the output projection, FFN wi ->
+  relu -> wo, residual adds; per decoder layer the same plus cross-attention (q from the
+  decoder, k, v from the encoder); then the tied logits x @ E^T and a loss 1e-6 * sum
+  (logits^2) (its gradient is one elementwise pass). Backward by jax.grad; optax.adam;
+  params and optimizer state donated. No biases, norms, softmax, masks, dropout or
+  cross-entropy: a real step does all of these besides. Same parameter shapes and the
+  same FLOPs as `training_flops_per_step` counts.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  d, f, v = MODEL["d_model"], MODEL["d_ff"], MODEL["vocab_size"]
+  heads = MODEL["num_heads"]
+  rng = np.random.default_rng(0)
+  w = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02)
+  attn = lambda: {k: w(d, heads, d // heads) for k in ("q", "k", "v")} | {
+      "o": w(heads, d // heads, d)}
+  params = {"enc": [{"self": attn(), "wi": w(d, f), "wo": w(f, d)}
+                    for _ in range(MODEL["num_encoder_layers"])],
+            "dec": [{"self": attn(), "cross": attn(), "wi": w(d, f), "wo": w(f, d)}
+                    for _ in range(MODEL["num_decoder_layers"])],
+            "embedding": w(v, d)}
+
+  def attention(p, x, kv):
+    q = jnp.einsum("bld,dhk->blhk", x, p["q"])
+    k = jnp.einsum("bld,dhk->blhk", kv, p["k"])
+    val = jnp.einsum("bld,dhk->blhk", kv, p["v"])
+    scores = jnp.einsum("bqhk,bshk->bhqs", q, k)
+    return jnp.einsum("bqhk,hkd->bqd", jnp.einsum("bhqs,bshk->bqhk", scores, val), p["o"])
+
+  def chunk_loss(p, inputs, decoder_inputs):
+    x = p["embedding"][inputs]
+    for layer in p["enc"]:
+      x = x + attention(layer["self"], x, x)
+      x = x + jax.nn.relu(x @ layer["wi"]) @ layer["wo"]
+    y = p["embedding"][decoder_inputs]
+    for layer in p["dec"]:
+      y = y + attention(layer["self"], y, y)
+      y = y + attention(layer["cross"], y, x)
+      y = y + jax.nn.relu(y @ layer["wi"]) @ layer["wo"]
+    logits = jnp.einsum("bld,vd->blv", y, p["embedding"])
+    return 1e-6 * jnp.sum(logits * logits)
+
+  def loss(p, inputs, decoder_inputs):
+    rows = inputs.shape[0] // batch_chunks
+    return sum(chunk_loss(p, inputs[i * rows:(i + 1) * rows],
+                          decoder_inputs[i * rows:(i + 1) * rows])
+               for i in range(batch_chunks))
+
+  tx = optax.adam(ADAM["learning_rate"], b1=ADAM["b1"], b2=ADAM["b2"], eps=ADAM["eps"])
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(p, opt_state, inputs, decoder_inputs):
+    grads = jax.grad(loss)(p, inputs, decoder_inputs)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state
+
+  holder = {"params": params, "opt_state": tx.init(params)}
+  inputs, decoder_inputs = jnp.asarray(batch["inputs"]), jnp.asarray(batch["decoder_inputs"])
+
+  def step():
+    holder["params"], holder["opt_state"] = train_step(holder["params"], holder["opt_state"],
+                                                       inputs, decoder_inputs)
+    _block(holder["params"])
+
+  return step, (f"matmuls only (see make_floor), {batch_chunks} chunks, optax.adam, "
+                "params/opt_state donated")
+
+
 # ----------------------------------------------------------------------------- HF Flax Marian
 
 
@@ -304,8 +383,9 @@ def make_torch(batch: dict, threads: int):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="1 warmup + 1x3 timed steps (smoke run)")
-  p.add_argument("--systems", default="ours,hf,torch",
-                 help="comma-separated subset of ours,hf,torch")
+  p.add_argument("--systems", default="ours,hf,torch,floor",
+                 help="comma-separated subset of ours,hf,torch,floor (floor: matmuls only, "
+                      "see make_floor)")
   p.add_argument("--ours", default="auto", choices=("auto", "library", "fallback"),
                  help="our train step: the library's training.py or the plain fallback")
   p.add_argument("--batch-chunks", type=int, default=4,
@@ -315,13 +395,16 @@ def main(argv=None):
   p.add_argument("--steps-per-round", type=int, default=6)
   p.add_argument("--torch-threads", type=int, default=2)
   p.add_argument("--out", default="", help="write the JSON result here")
+  p.add_argument("--no-huge-pages", action="store_true",
+                 help="do not re-execute with glibc.malloc.hugetlb=1 (see common.huge_pages)")
   args = p.parse_args(argv)
+  common.huge_pages(not args.no_huge_pages)
   if args.quick:
     args.warmup, args.rounds, args.steps_per_round = 1, 1, 3
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-  unknown = set(systems) - {"ours", "hf", "torch"}
+  unknown = set(systems) - {"ours", "hf", "torch", "floor"}
   if unknown:
-    p.error(f"--systems: unknown {sorted(unknown)}; expected a subset of ours,hf,torch")
+    p.error(f"--systems: unknown {sorted(unknown)}; expected a subset of ours,hf,torch,floor")
 
   info = common.machine_info()
   flops = training_flops_per_step(**MODEL, **BATCH)
@@ -346,7 +429,8 @@ def main(argv=None):
   batch = make_batch()
   builders = {"ours": lambda: make_ours(batch, args.ours, args.batch_chunks),
               "hf": lambda: make_hf(batch),
-              "torch": lambda: make_torch(batch, args.torch_threads)}
+              "torch": lambda: make_torch(batch, args.torch_threads),
+              "floor": lambda: make_floor(batch, args.batch_chunks)}
   steps, descriptions, compile_s = {}, {}, {}
   for name in systems:
     t0 = time.perf_counter()
@@ -382,6 +466,13 @@ def main(argv=None):
                / results[best]["tokens_per_s"]}
     print(f"\nours / faster peer ({best}): {summary['ours_over_faster_peer']:.2f}x "
           f"(target >= 1.3x)")
+    if "floor" in results:
+      summary["floor_over_faster_peer"] = (results["floor"]["tokens_per_s"]
+                                           / results[best]["tokens_per_s"])
+      summary["ours_over_floor"] = (results["ours"]["tokens_per_s"]
+                                    / results["floor"]["tokens_per_s"])
+      print(f"floor / faster peer ({best}): {summary['floor_over_faster_peer']:.2f}x; "
+            f"ours / floor: {summary['ours_over_floor']:.2f}x")
   common.write_json(args.out, {"benchmark": "train_throughput", "machine": info,
                                "config": config, "flops": flops, "peak": peak,
                                "peak_flops_used": peak_flops, "results": results,
