@@ -65,6 +65,11 @@ def _thp_mode() -> Optional[str]:
   return runtime.thp_mode()
 
 
+def _huge_pages_active() -> bool:
+  from flaxformer_mini import runtime
+  return runtime.huge_pages_active()
+
+
 def huge_pages(enabled: bool) -> None:
   """Re-executes the benchmark with XLA's (and torch's) buffers on huge pages, as
   train.py runs (flaxformer_mini.runtime); all systems share the process, so all get
@@ -93,6 +98,7 @@ def machine_info() -> Dict[str, Any]:
                                          "GLIBC_TUNABLES", "FLAXFORMER_MINI_HUGE_PAGES")
               if k in os.environ},
       "transparent_huge_pages": _thp_mode(),
+      "huge_pages_active": _huge_pages_active(),
   }
   return info
 
@@ -105,8 +111,9 @@ def print_header(title: str, info: Dict[str, Any], config: Dict[str, Any]) -> No
   print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
   if info["env"]:
     print(f"env:      {info['env']}")
-  print(f"memory:   transparent huge pages {info['transparent_huge_pages']}; malloc hugetlb "
-        f"{'on' if 'glibc.malloc.hugetlb=1' in info['env'].get('GLIBC_TUNABLES', '') else 'off'}")
+  print(f"memory:   huge pages for malloc'd buffers "
+        f"{'on' if info['huge_pages_active'] else 'off'} (kernel THP mode "
+        f"{info['transparent_huge_pages']})")
   print("config:   " + json.dumps(config, sort_keys=True))
   sys.stdout.flush()
 
