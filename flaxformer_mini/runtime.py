@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import warnings
 from typing import Mapping, Optional
 
 TUNABLE = "glibc.malloc.hugetlb"
@@ -84,7 +85,8 @@ def reexec_with_huge_pages() -> None:
 
   Call it first thing in a launcher's ``__main__`` (Linux; elsewhere it returns).
   The process keeps its PID, arguments (``sys.orig_argv``, interpreter options
-  included), working directory and open stdout/stderr; ``os.execve`` does not return.
+  included), working directory and open stdout/stderr; ``os.execve`` does not return
+  (if it fails, a RuntimeWarning says so and the current process carries on).
   """
   if not sys.platform.startswith("linux"):
     return
@@ -93,4 +95,8 @@ def reexec_with_huge_pages() -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, list(sys.orig_argv), env)
+  try:
+    os.execve(sys.executable, list(sys.orig_argv), env)
+  except OSError as e:  # e.g. no usable sys.executable: run on without huge pages
+    warnings.warn(f"could not re-execute {sys.executable!r} with huge pages ({e}); "
+                  "continuing without them", RuntimeWarning)

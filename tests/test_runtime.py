@@ -41,6 +41,21 @@ def test_huge_pages_active():
   assert not runtime.huge_pages_active(on, "never")
 
 
+def test_failed_reexec_warns_and_carries_on(monkeypatch):
+  monkeypatch.setattr(runtime.sys, "platform", "linux")
+  monkeypatch.setattr(runtime, "thp_mode", lambda: "madvise")
+  monkeypatch.setattr(runtime, "glibc_version", lambda: NEW)
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv("FLAXFORMER_MINI_HUGE_PAGES", raising=False)
+
+  def execve(*args):
+    raise FileNotFoundError(2, "No such file or directory")
+
+  monkeypatch.setattr(runtime.os, "execve", execve)
+  with pytest.warns(RuntimeWarning, match="could not re-execute"):
+    runtime.reexec_with_huge_pages()
+
+
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
   path = tmp_path / "enabled"
   path.write_text("always [madvise] never\n")
