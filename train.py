@@ -100,7 +100,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   import jax
   import jax.numpy as jnp
   from tqdm import tqdm
-  from flaxformer_mini import checkpoints, tasks, training
+  from flaxformer_mini import checkpoints, runtime, tasks, training
 
   if config.batch_chunks < 1 or config.batch_size % config.batch_chunks:
     raise ValueError(f'batch_chunks={config.batch_chunks} must be >= 1 and divide '
@@ -132,7 +132,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_iter.set_state(data_state)
     print(f'resumed from {ckpt.directory}/{start}', flush=True)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  from flaxformer_mini import runtime
   print(f'task={task.name} params={n_params:,} devices={fns.num_devices} ({config.parallel}) '
         f'huge_pages={"on" if runtime.huge_pages_active() else "off"} '
         f'setup={time.time() - t_setup:.1f}s workdir={workdir}', flush=True)

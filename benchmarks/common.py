@@ -60,16 +60,6 @@ def _version(module: str) -> Optional[str]:
     return None
 
 
-def _thp_mode() -> Optional[str]:
-  from flaxformer_mini import runtime
-  return runtime.thp_mode()
-
-
-def _huge_pages_active() -> bool:
-  from flaxformer_mini import runtime
-  return runtime.huge_pages_active()
-
-
 def huge_pages(enabled: bool) -> None:
   """Re-executes the benchmark with XLA's (and torch's) buffers on huge pages, as
   train.py runs (flaxformer_mini.runtime); all systems share the process, so all get
@@ -83,6 +73,7 @@ def huge_pages(enabled: bool) -> None:
 
 def machine_info() -> Dict[str, Any]:
   """CPU model, visible cores, load average, library versions and relevant env vars."""
+  from flaxformer_mini import runtime
   info = {
       "cpu_model": cpu_model(),
       "cpu_flags": cpu_flags(),
@@ -97,8 +88,8 @@ def machine_info() -> Dict[str, Any]:
                                          "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL",
                                          "GLIBC_TUNABLES", "FLAXFORMER_MINI_HUGE_PAGES")
               if k in os.environ},
-      "transparent_huge_pages": _thp_mode(),
-      "huge_pages_active": _huge_pages_active(),
+      "transparent_huge_pages": runtime.thp_mode(),
+      "huge_pages_active": runtime.huge_pages_active(),
   }
   return info
 
