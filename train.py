@@ -6,7 +6,9 @@
 
 Rerunning the same command resumes from the newest readable checkpoint in --workdir
 (params, optimizer, step, RNG and the data-iterator position). SIGTERM or Ctrl-C stops
-after the current step and saves a checkpoint; a second Ctrl-C aborts at once.
+after the current step and saves a checkpoint; a second Ctrl-C aborts at once. What
+happens when things go wrong (changed settings, unreadable checkpoints, NaN, disk
+full) is listed in README.md and flaxformer_mini/checkpoints.py.
 
 On Linux with glibc, train.py first re-executes itself once with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 so that XLA's CPU buffers sit on transparent
@@ -39,6 +41,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Run directory (default: runs/<config file name>).')
 
 log = logging.getLogger('train')
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient under ``config.nonfinite='stop'``."""
 
 
 class MetricWriter:
@@ -102,13 +108,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from tqdm import tqdm
   from flaxformer_mini import checkpoints, runtime, tasks, training
 
-  if config.batch_chunks < 1 or config.batch_size % config.batch_chunks:
-    raise ValueError(f'batch_chunks={config.batch_chunks} must be >= 1 and divide '
-                     f'batch_size={config.batch_size}')
+  if not workdir or not str(workdir).strip():
+    raise ValueError('--workdir is empty (an unset shell variable?); name a run directory')
+  training.validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
   t_setup = time.time()
   task = tasks.get_task(config, workdir)
   tx, schedule = training.make_optimizer(config)
@@ -125,12 +129,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = task.train_iterator()
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep, keep_best=config.keep_best,
                                   async_save=config.async_checkpointing)
-  restored = ckpt.restore_latest(state, expect_model=checkpoints.config_to_dict(config.model))
+  restored = ckpt.restore_latest(
+      state, expect_model=checkpoints.config_to_dict(config.model),
+      config=checkpoints.config_to_dict(config), params_only=config.restore_params_only,
+      tx=tx, start_over=config.start_over_if_unreadable)
   start = 0
   if restored is not None:
     start, state, data_state, _ = restored
     train_iter.set_state(data_state)
     print(f'resumed from {ckpt.directory}/{start}', flush=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:  # only once the run is accepted
+    f.write(config.to_json_best_effort(indent=2))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   print(f'task={task.name} params={n_params:,} devices={fns.num_devices} ({config.parallel}) '
         f'huge_pages={"on" if runtime.huge_pages_active() else "off"} '
@@ -146,12 +155,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.save(step, fns.get_state(dstate), data_state=train_iter.get_state(), config=config,
               assets=task.assets, task=task.name, metrics=metrics)
 
+  skipped = 0
+  pending = None  # (update step, metrics) of the previous micro-batch, read one step late
+
+  def check_finite(pending):
+    nonlocal skipped
+    if pending is None or not float(pending[1]['nonfinite']):
+      return
+    skipped += 1
+    message = (f'step {pending[0]}: non-finite loss or gradient norm; that update was not '
+               f'applied')
+    if config.nonfinite == 'stop':
+      ckpt.close()  # let an in-flight save of a good state commit
+      raise TrainingDiverged(
+          f'{message}. Training stopped; the last good checkpoint is {ckpt.latest_path()} '
+          '(the state was never saved with NaN/inf). Lower the learning rate, or rerun with '
+          "--config.nonfinite=skip to skip such updates")
+    bar.write(f'{message} (skipped; {skipped} so far)')
+
   step, sums, window_t, n_micro, last_dev = start, None, time.time(), 0, {}
   bar = tqdm(total=total, initial=start, desc='train', dynamic_ncols=True, file=sys.stderr)
   try:
     while step < total and stop.signum is None:
       for _ in range(accum):
         dstate, m = fns.train(dstate, fns.put_batch(next(train_iter)))
+        check_finite(pending)  # the previous step is done by now: no pipeline stall
+        pending = (step + 1, m)
         sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)
         n_micro += 1
       step += 1
@@ -179,7 +208,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if scalars or dev:
         writer.write(step, {**scalars, **dev})
       if step % config.checkpoint_every == 0 or last:
+        check_finite(pending)
+        pending = None
         save(step, dev or None)
+    check_finite(pending)
     if stop.signum is not None and step < total:
       save(step)
       ckpt.close()
@@ -228,7 +260,35 @@ def main(argv):
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
         flags.FLAGS['config'])))[0]
     workdir = os.path.join('runs', name)
-  train_and_evaluate(config, workdir)
+  from flaxformer_mini import checkpoints
+  try:
+    train_and_evaluate(config, workdir)
+  except (checkpoints.ResumeError, checkpoints.NoReadableCheckpointError,
+          checkpoints.CheckpointWriteError, TrainingDiverged) as e:
+    sys.exit(f'train.py: error: {e}')
+  except ValueError as e:
+    if str(e).startswith(('config.', '--workdir', 'batch_chunks')):
+      sys.exit(f'train.py: error: {e}')
+    raise
+
+
+def _check_config_file(argv) -> None:
+  """Exits with one line if --config names a missing file or one without get_config()."""
+  path = None
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      path = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+  if path is None:
+    return
+  path = path.split(':', 1)[0]  # config_flags allows file.py:argument
+  if not os.path.isfile(path):
+    sys.exit(f'train.py: error: config file not found: {path!r}')
+  with open(path, encoding='utf-8', errors='replace') as f:
+    if not re.search(r'^def get_config\(', f.read(), re.M):
+      sys.exit(f'train.py: error: config file {path!r} defines no get_config() '
+               '(see configs/common.py)')
 
 
 def parse_flags(argv):
@@ -237,6 +297,7 @@ def parse_flags(argv):
   config_flags raises a raw AttributeError/KeyError ("'warmup_step' Did you mean
   'warmup_steps'?") from inside the parser; turn it into a message and exit code 2.
   """
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

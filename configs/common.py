@@ -28,6 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep = 2                          # keep the last `keep` checkpoints ...
   c.keep_best = 1                     # ... plus the best `keep_best` by dev nll
   c.async_checkpointing = True        # orbax writes in the background (still atomic)
+  c.restore_params_only = False       # resume with params/step/RNG only, fresh optimizer
+                                      # state (after changing optimizer settings)
+  c.start_over_if_unreadable = False  # every checkpoint unreadable: move them to corrupt/
+                                      # and start at step 0 instead of stopping
+  c.nonfinite = 'stop'                # NaN/inf loss or gradient: 'stop' (state untouched,
+                                      # exit naming the step) | 'skip' the update, count it
 
   # Fed as-is to flaxformer_mini.TransformerConfig.from_dict (unknown keys fail there).
   c.model = ml_collections.ConfigDict(dict(

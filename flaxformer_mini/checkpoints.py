@@ -18,28 +18,38 @@ and renames it to ``checkpoints/<step>`` only after every item is written
 (``AtomicRenameTemporaryPath``, the default on local filesystems; a POSIX rename is
 atomic). A crash or SIGKILL mid-save leaves only a tmp dir, which `CheckpointManager`
 ignores when listing steps and deletes on the next start (``cleanup_tmp_directories``),
-so the previous checkpoint is never touched. Retention: the last ``keep`` steps plus
-the best ``keep_best`` by dev ``nll`` (orbax preservation policies ``LatestN`` and
-``BestN``).
+so the previous checkpoint is never touched. Retention (`Checkpointer.prune`, run only
+once a newer checkpoint has committed): the last ``keep`` steps plus the best
+``keep_best`` by the finite dev ``nll`` stored in each step's ``meta`` item, so the
+ranking survives restarts and a NaN never ranks.
 
-Corruption that happens after a save (a truncated or deleted file) is caught at
-restore: `Checkpointer.restore_latest` logs a warning naming the step and the error,
-moves that step to ``corrupt/`` and tries the previous one.
+Resume rules (`Checkpointer.restore_latest`): a checkpoint whose files cannot be read
+is unreadable: it is reported, moved to ``corrupt/`` once an older readable one is
+found, and the older one is used; when none is readable nothing is moved and
+`NoReadableCheckpointError` says so (``start_over=True`` quarantines them all and
+starts afresh). A readable checkpoint that does not fit the run (another model, or an
+optimizer-state tree changed by new optimizer settings) is never quarantined: it is a
+`ResumeError` naming the config fields and the first state path that differ;
+``params_only=True`` takes params, step and RNG from it with a fresh optimizer state.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as policies
 
 PyTree = Any
 CHECKPOINT_SUBDIR = 'checkpoints'
@@ -47,7 +57,113 @@ CORRUPT_SUBDIR = 'corrupt'
 ITEMS = ('state', 'data', 'config', 'meta')
 BEST_METRIC = 'dev/nll'
 
+# Config fields that steer a run but never change what a checkpoint holds.
+RUN_CONTROL_FIELDS = ('num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep',
+                      'keep_best', 'async_checkpointing', 'eval', 'restore_params_only',
+                      'start_over_if_unreadable', 'nonfinite')
+
 log = logging.getLogger(__name__)
+
+
+class ResumeError(ValueError):
+  """A readable checkpoint that does not fit the run being started (nothing was moved)."""
+
+
+class NoReadableCheckpointError(RuntimeError):
+  """Every checkpoint in the run directory is unreadable (nothing was moved)."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (e.g. no space left); older ones are intact."""
+
+
+def _handlers() -> dict:
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+          'config': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+
+
+def _no_space(error: BaseException) -> bool:
+  """True if ``error`` or anything in its cause/context chain is ENOSPC."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if getattr(error, 'errno', None) == errno.ENOSPC or 'No space left' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _leaf_key(k) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def leaf_shapes(tree: PyTree) -> dict[str, tuple]:
+  """{'opt_state/1/mu/decoder/...': shape} for every array leaf (orbax metadata too)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(_leaf_key(k) for k in path): tuple(getattr(x, 'shape', np.shape(x)))
+          for path, x in flat}
+
+
+def first_difference(saved: dict[str, tuple], current: dict[str, tuple]) -> Optional[str]:
+  """The first (sorted) state path that is missing on one side or has another shape."""
+  for key in sorted(set(saved) | set(current)):
+    if key not in saved:
+      return f'{key!r} is in the run being started but not in the checkpoint'
+    if key not in current:
+      return f'{key!r} is in the checkpoint but not in the run being started'
+    if saved[key] != current[key]:
+      return f'{key!r} has shape {saved[key]} in the checkpoint, {current[key]} now'
+  return None
+
+
+def config_differences(saved: dict, current: dict, prefix: str = '') -> dict[str, tuple]:
+  """{'optimizer.clip_norm': (saved, current)} for the fields that differ (nested)."""
+  out = {}
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key), current.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out.update(config_differences(a, b, f'{prefix}{key}.'))
+    elif a != b:
+      out[f'{prefix}{key}'] = (a, b)
+  return out
+
+
+def finite_metric(meta: Optional[dict]) -> Optional[float]:
+  """``meta['metrics'][BEST_METRIC]`` if it is a finite number, else None."""
+  value = ((meta or {}).get('metrics') or {}).get(BEST_METRIC)
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    return None
+  return value if math.isfinite(value) else None
+
+
+def all_finite(tree: PyTree) -> bool:
+  """True if every float leaf of ``tree`` is free of NaN/inf."""
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(getattr(x, 'dtype', np.float32), jnp.floating)]
+  return bool(jax.jit(lambda xs: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in xs])))(
+      leaves)) if leaves else True
+
+
+def fresh_opt_state(tx: optax.GradientTransformation, params: PyTree, updates: int) -> PyTree:
+  """``tx.init(params)`` with its schedule counters at ``updates`` (so warmup is not redone).
+
+  Adam's own count stays 0: its bias correction belongs to the fresh (zero) moments.
+  """
+  def fix(node):
+    if isinstance(node, optax.ScaleByScheduleState):
+      return node._replace(count=jnp.asarray(updates, node.count.dtype))
+    if isinstance(node, optax.MultiStepsState):
+      return node._replace(gradient_step=jnp.asarray(updates, node.gradient_step.dtype),
+                           inner_opt_state=fix(node.inner_opt_state))
+    if isinstance(node, tuple) and not hasattr(node, '_fields'):
+      return tuple(fix(n) for n in node)
+    return node
+  return fix(tx.init(params))
 
 
 def config_to_dict(config) -> dict:
@@ -71,16 +187,18 @@ class Checkpointer:
                async_save: bool = True):
     if keep < 1:
       raise ValueError(f'keep={keep} must be >= 1 (the latest checkpoint is needed to resume)')
+    if keep_best < 0:
+      raise ValueError(f'keep_best={keep_best} must be >= 0')
     self.run_dir = os.path.abspath(run_dir)
     self.directory = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
-    preserve = [policies.LatestN(n=keep)]
-    if keep_best > 0:
-      preserve.append(policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True,
-                                     n=keep_best, keep_checkpoints_without_metrics=False))
+    self.keep, self.keep_best = keep, keep_best
+    self._metrics: dict[int, Optional[float]] = {}
+    # Retention is ours (`prune`): orbax's BestN ranks by metrics it does not reload
+    # after a restart, and it ranks NaN as best.
     options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
-        preservation_policy=policies.AnyPreservationPolicy(preserve))
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=_handlers())
 
   # -- save ----------------------------------------------------------------------------
 
@@ -102,71 +220,189 @@ class Checkpointer:
     meta = {'step': int(step), 'task': task, 'time': time.time(),
             'assets': {name: file_sha256(p) for name, p in (assets or {}).items()},
             'metrics': metrics or {}}
-    best = {BEST_METRIC: metrics[BEST_METRIC]} if metrics and BEST_METRIC in metrics else None
-    self.manager.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-            config=ocp.args.JsonSave(config_to_dict(config)),
-            meta=ocp.args.JsonSave(meta)),
-        metrics=best, force=True)
+    if not all_finite(state):
+      raise ValueError(f'refusing to save checkpoint step {step}: the state holds NaN/inf '
+                       f'values; the last good checkpoint is {self.latest_path()}')
+    self.wait()  # the previous save has committed: older steps may now go
+    self.prune()
+    with self._writing(step):
+      self.manager.save(
+          int(step),
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+              config=ocp.args.JsonSave(config_to_dict(config)),
+              meta=ocp.args.JsonSave(meta)),
+          force=True)
+    self._metrics[int(step)] = finite_metric(meta)
+
+  def _writing(self, step: Optional[int]):
+    """Context that turns ENOSPC (however deeply orbax wraps it) into a first-line message."""
+    checkpointer = self
+
+    class _Guard:
+      def __enter__(self):
+        return self
+
+      def __exit__(self, kind, error, tb):
+        if error is not None and _no_space(error):
+          what = f'checkpoint step {step}' if step is not None else 'the pending checkpoint'
+          raise CheckpointWriteError(
+              errno.ENOSPC, f'no space left on {checkpointer.directory}: {what} was not '
+              f'written; the last good checkpoint is {checkpointer.latest_path()} (intact). '
+              'Free space and rerun the same command to resume') from error
+        return False
+    return _Guard()
+
+  def latest_path(self) -> str:
+    """Path of the newest committed checkpoint, or 'none'."""
+    steps = self.steps()
+    return os.path.join(self.directory, str(steps[-1])) if steps else 'none'
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._writing(None):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
+    self.prune()
     self.manager.close()
+
+  def metric(self, step: int) -> Optional[float]:
+    """The finite ``BEST_METRIC`` stored with ``step`` (None if absent/non-finite)."""
+    if step not in self._metrics:
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        self._metrics[step] = finite_metric(meta['meta'])
+      except Exception:  # pylint: disable=broad-except  (unreadable: no rank)
+        self._metrics[step] = None
+    return self._metrics[step]
+
+  def prune(self) -> list[int]:
+    """Deletes committed steps other than the last ``keep`` and the best ``keep_best``.
+
+    Returns the steps kept.
+    """
+    steps = self.steps()
+    kept = set(steps[-self.keep:])
+    ranked = sorted((m, s) for s in steps if (m := self.metric(s)) is not None)
+    kept.update(s for _, s in ranked[:self.keep_best])
+    for s in steps:
+      if s not in kept:
+        self.manager.delete(s)
+        self._metrics.pop(s, None)
+    return sorted(kept)
 
   # -- restore -------------------------------------------------------------------------
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, target: PyTree, *, expect_model: Optional[dict] = None
+  def restore_latest(self, target: PyTree, *, expect_model: Optional[dict] = None,
+                     config: Optional[dict] = None, params_only: bool = False,
+                     tx: Optional[optax.GradientTransformation] = None,
+                     start_over: bool = False
                      ) -> Optional[tuple[int, PyTree, dict, dict]]:
     """Restores the newest readable checkpoint into the structure of ``target``.
 
     Unreadable checkpoints (missing/truncated files) are reported with
-    `logging.warning` naming the step and the error, moved to ``<run_dir>/corrupt/``
-    and skipped. A readable checkpoint of a *different model* is not corruption: it
-    raises ValueError (use a fresh run dir).
+    `logging.warning` naming the step and the error; once an older readable one is
+    found they are moved to ``<run_dir>/corrupt/`` (a save would collide with them).
 
     Args:
       target: a TrainState of the right structure/shapes/dtypes (e.g. freshly initialised).
       expect_model: the current ``config.model`` as a dict; compared with the saved one.
+      config: the current full config as a dict; named in errors and notices.
+      params_only: take params, step and RNG from the checkpoint and start a fresh
+        optimizer state (``tx`` required) with its schedule at the checkpoint's step.
+      start_over: if every checkpoint is unreadable, quarantine them all and return None
+        instead of raising `NoReadableCheckpointError`.
     Returns:
-      (step, state, data_state, meta), or None when there is no readable checkpoint.
+      (step, state, data_state, meta), or None when there is no checkpoint.
+    Raises:
+      ResumeError: the newest readable checkpoint is of another model or its state tree
+        differs from ``target`` (nothing moved).
+      NoReadableCheckpointError: there are checkpoints but none is readable.
     """
+    unreadable = []
     for step in reversed(self.steps()):
       try:
-        saved = self.manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+        items = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        saved_config, meta = items['config'], items['meta']
+        saved_tree = self.manager.item_metadata(step)['state'].tree
       except Exception as e:  # pylint: disable=broad-except  (any failure = unusable)
-        self._quarantine(step, e)
+        self._report_unreadable(step, e)
+        unreadable.append((step, e))
         continue
       if expect_model is not None:
-        _check_same_model(saved.get('model', {}), expect_model, step, self.directory)
+        _check_same_model(saved_config.get('model', {}), expect_model, step, self.directory)
+      changed = _changed_fields(saved_config, config)
+      want = leaf_shapes(target.params if params_only else target)
+      have = leaf_shapes(saved_tree['params'] if params_only else saved_tree)
+      problem = first_difference(have, want)
+      if problem:
+        fields = ', '.join(f'{k} ({a!r} -> {b!r})' for k, (a, b) in changed.items()) or 'none'
+        hint = ('use the same settings, or --config.restore_params_only=True to continue '
+                'from its params with a fresh optimizer state' if not params_only else
+                'use the same config.model')
+        raise ResumeError(f'checkpoint step {step} in {self.directory!r} does not fit this '
+                          f'run: state path {problem}. Config fields that differ from the '
+                          f'checkpoint: {fields}. Nothing was changed; {hint}')
       try:
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                          data=ocp.args.JsonRestore(),
-                                          meta=ocp.args.JsonRestore()))
+        if params_only:
+          abstract = jax.tree_util.tree_map(
+              lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved_tree)
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        else:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
+        self._report_unreadable(step, e)
+        unreadable.append((step, e))
         continue
-      _check_same_structure(target, restored['state'], step)
-      return step, restored['state'], restored['data'], restored['meta']
+      for bad, _ in unreadable:
+        self._quarantine(bad)
+      if changed:
+        log.warning('resuming from checkpoint step %d with changed settings: %s', step,
+                    ', '.join(f'{k} ({a!r} -> {b!r})' for k, (a, b) in changed.items()))
+      state = restored['state']
+      if params_only:
+        if tx is None:
+          raise ValueError('params_only=True needs the optimizer (tx) for a fresh state')
+        params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target.params),
+                                              jax.tree_util.tree_leaves(state['params']))
+        state = target.replace(step=jnp.asarray(state['step'], target.step.dtype),
+                               params=params, rng=jnp.asarray(state['rng']),
+                               opt_state=fresh_opt_state(tx, params, int(meta['step'])))
+        log.warning('restored params, step and RNG of checkpoint step %d; the optimizer '
+                    'state starts afresh (restore_params_only)', step)
+      return step, state, restored['data'], meta
+    if unreadable:
+      listing = '; '.join(f'step {s}: {type(e).__name__}: {_first_line(e)}'
+                          for s, e in unreadable)
+      if not start_over:
+        raise NoReadableCheckpointError(
+            f'no checkpoint in {self.directory!r} is readable ({listing}). Nothing was moved. '
+            'Rerun with --config.start_over_if_unreadable=True to move them to '
+            f'{os.path.join(self.run_dir, CORRUPT_SUBDIR)!r} and train from step 0')
+      log.error('no checkpoint in %s is readable (%s); moving them aside and starting from '
+                'step 0 (start_over_if_unreadable)', self.directory, listing)
+      for bad, _ in unreadable:
+        self._quarantine(bad)
     return None
 
-  def _quarantine(self, step: int, error: Exception) -> None:
+  def _report_unreadable(self, step: int, error: Exception) -> None:
+    log.warning('checkpoint step %d at %s is unreadable (%s: %s)', step,
+                os.path.join(self.directory, str(step)), type(error).__name__,
+                _first_line(error))
+
+  def _quarantine(self, step: int) -> None:
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(self.run_dir, CORRUPT_SUBDIR, f'{step}-{int(time.time())}')
-    message = str(error).strip().splitlines()
-    log.warning('checkpoint step %d at %s is unreadable (%s: %s); moved it to %s and '
-                'falling back to the previous checkpoint', step, src, type(error).__name__,
-                message[0][:300] if message else '', dst)
+    log.warning('moved unreadable checkpoint step %d to %s', step, dst)
+    self._metrics.pop(step, None)
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     if os.path.exists(src):
       shutil.move(src, dst)
@@ -177,20 +413,21 @@ def _check_same_model(saved: dict, current: dict, step: int, directory: str) -> 
   keys = sorted(set(saved) | set(current))
   diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
   if diff:
-    raise ValueError(f'checkpoint step {step} in {directory!r} was trained with a different '
+    raise ResumeError(f'checkpoint step {step} in {directory!r} was trained with a different '
                      f'model config, {{key: (saved, current)}} = {diff}; use a fresh --workdir '
                      'or the same config.model')
 
 
-def _check_same_structure(target: PyTree, restored: PyTree, step: int) -> None:
-  want = jax.tree_util.tree_structure(target)
-  got = jax.tree_util.tree_structure(restored)
-  if want != got:
-    raise ValueError(f'checkpoint step {step}: state tree structure differs from the model '
-                     f'being trained (changed model/optimizer config?)')
-  for a, b in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(restored)):
-    if getattr(a, 'shape', None) != getattr(b, 'shape', None):
-      raise ValueError(f'checkpoint step {step}: a leaf has shape {b.shape}, expected {a.shape}')
+def _changed_fields(saved: dict, current: Optional[dict]) -> dict[str, tuple]:
+  if current is None:
+    return {}
+  diff = config_differences(saved, current)
+  return {k: v for k, v in diff.items() if k.split('.')[0] not in RUN_CONTROL_FIELDS}
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0][:300] if lines else ''
 
 
 # ----------------------------------------------------------------------------- inference

@@ -208,7 +208,9 @@ def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
   w = max(sums.get('weight', 0.0), 1e-9)
   out = {}
   for k, v in sums.items():
-    if k == 'weight':
+    if k == 'nonfinite':
+      out[prefix + 'skipped_steps'] = v
+    elif k == 'weight':
       out[prefix + 'tokens'] = v
     elif k == 'correct':
       out[prefix + 'accuracy'] = v / w
@@ -217,6 +219,60 @@ def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
   if 'nll' in sums:
     out[prefix + 'ppl'] = float(np.exp(min(out[prefix + 'nll'], 50.0)))
   return out
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate_config(config) -> None:
+  """Checks the run fields of a train config (configs/common.py) before anything is built.
+
+  Raises:
+    ValueError naming the first bad field, its value and what it must be.
+  """
+  def check(key, ok, what):
+    node = config
+    for part in key.split('.'):
+      if part not in node:
+        return
+      node = node[part]
+    if isinstance(node, bool) and 'bool' not in what:
+      raise ValueError(f'config.{key}={node!r} must be {what}')
+    try:
+      good = ok(node)
+    except TypeError:
+      good = False
+    if not good:
+      raise ValueError(f'config.{key}={node!r} must be {what}')
+
+  is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+  is_num = lambda x: isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+  finite = lambda x: is_num(x) and np.isfinite(x)
+  for key in ('batch_size', 'num_train_steps', 'log_every', 'checkpoint_every', 'keep',
+              'batch_chunks', 'data.eval_batch_size', 'optimizer.accum_steps'):
+    check(key, lambda x: is_int(x) and x >= 1, 'an integer >= 1')
+  for key in ('eval_every', 'keep_best', 'seed', 'optimizer.warmup_steps', 'eval.bleu_every',
+              'eval.bleu_examples', 'eval.num_samples'):
+    check(key, lambda x: is_int(x) and x >= 0, 'an integer >= 0')
+  for key in ('optimizer.learning_rate', 'optimizer.lr_factor', 'optimizer.eps'):
+    check(key, lambda x: finite(x) and x > 0, 'a finite number > 0')
+  for key in ('optimizer.clip_norm', 'optimizer.weight_decay'):
+    check(key, lambda x: finite(x) and x >= 0, 'a finite number >= 0 (0 = off)')
+  for key in ('optimizer.b1', 'optimizer.b2', 'optimizer.label_smoothing'):
+    check(key, lambda x: finite(x) and 0 <= x < 1, 'a number in [0, 1)')
+  check('eval.beam_size', lambda x: is_int(x) and x >= 1, 'an integer >= 1')
+  check('eval.alpha', lambda x: finite(x) and x >= 0, 'a finite number >= 0')
+  check('eval.max_decode_len', lambda x: is_int(x) and x >= 1, 'an integer >= 1')
+  check('eval.decode_batch_size', lambda x: is_int(x) and x >= 1, 'an integer >= 1')
+  check('parallel', lambda x: x in ('jit', 'pmap'), "one of 'jit', 'pmap'")
+  check('nonfinite', lambda x: x in ('stop', 'skip'), "one of 'stop', 'skip'")
+  check('optimizer.schedule', lambda x: x in ('rsqrt', 'cosine', 'constant'),
+        "one of 'rsqrt', 'cosine', 'constant'")
+  if 'optimizer' in config and config.optimizer.get('schedule') == 'rsqrt':
+    check('optimizer.warmup_steps', lambda x: x >= 1, 'an integer >= 1 for the rsqrt schedule')
+  if 'batch_chunks' in config and config.batch_size % config.batch_chunks:
+    raise ValueError(f'batch_chunks={config.batch_chunks} must be >= 1 and divide '
+                     f'batch_size={config.batch_size}')
 
 
 # ----------------------------------------------------------------------------- steps
@@ -271,7 +327,9 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
 
   Returns:
     (new state, metric sums over the global batch plus ``grad_norm``, the global
-    norm of the normalised gradient before clipping).
+    norm of the normalised gradient before clipping, and ``nonfinite``: 1.0 if the
+    loss, the gradient or the update was NaN/inf, in which case params and optimizer state are left
+    as they were and the other metrics are 0).
   """
   rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
@@ -288,7 +346,16 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
   grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(weight, 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient never reaches the state: the update is dropped (the
+  # step counter still advances) and counted; the host decides to stop or go on.
+  finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+            & jnp.isfinite(optax.tree.norm(updates)))
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
+  metrics = jax.tree_util.tree_map(lambda m: jnp.where(finite, m, jnp.zeros_like(m)),
+                                   dict(metrics, grad_norm=grad_norm))
+  metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
