@@ -338,18 +338,17 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
   def objective(params):
     return chunked_loss(loss_fn, params, batch, rng, batch_chunks)
 
-  grads, metrics = jax.grad(objective, has_aux=True)(state.params)
-  weight = metrics['weight']
+  (loss_sum, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   if axis_name is not None:
-    grads, metrics = lax.psum((grads, metrics), axis_name)
-    weight = metrics['weight']
+    grads, metrics, loss_sum = lax.psum((grads, metrics, loss_sum), axis_name)
+  weight = metrics['weight']
   grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(weight, 1.0), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   # A non-finite loss or gradient never reaches the state: the update is dropped (the
   # step counter still advances) and counted; the host decides to stop or go on.
-  finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+  finite = (jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
             & jnp.isfinite(optax.tree.norm(updates)))
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
   params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
