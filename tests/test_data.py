@@ -101,7 +101,7 @@ def test_tsv_builder_round_trip(tsv_paths, tmp_path):
 
 def test_tsv_errors_name_the_problem(tmp_path):
   bad = _write_tsv(tmp_path / 'bad.tsv.gz', [('only', 'two')])
-  with pytest.raises(ValueError, match=r'bad.tsv.gz:1: expected 3'):
+  with pytest.raises(ValueError, match=r'bad.tsv.gz line 1: expected 3'):
     list(data.read_tsv(bad, 'pt'))
   with pytest.raises(FileNotFoundError, match='nope.tsv.gz'):
     data.tsv_builder({'train': str(tmp_path / 'nope.tsv.gz'), 'validation': bad},

@@ -237,7 +237,8 @@ class _FittedExamples(grain.MapDataset):
 
 def make_dataset(source, tokenizer: Tokenizer | None, cfg: PipelineConfig, *,
                  src_key: str, tgt_key: str, train: bool, pack: bool | None = None,
-                 num_epochs: int | None = None) -> grain.IterDataset:
+                 num_epochs: int | None = None, vocab_size: int | None = None
+                 ) -> grain.IterDataset:
   """The seq2seq pipeline as a grain IterDataset of batches (see module docstring).
 
   Args:
@@ -254,6 +255,9 @@ def make_dataset(source, tokenizer: Tokenizer | None, cfg: PipelineConfig, *,
       batch_size with all-zero rows (segmentation 0), so no example is ever dropped.
     pack: pack several examples per row (default: train). Unpacked rows are padded.
     num_epochs: train epochs (None = forever); eval always 1.
+    vocab_size: every id must be in [0, vocab_size), checked here on the host once per
+      source (ValueError naming it) so that none reaches the model's embedding lookup;
+      default the tokenizer's `vocab_size` (which tasks check against the model's).
   Returns: IterDataset yielding dicts of int32 arrays keyed by BATCH_KEYS.
   """
   if isinstance(source, TokenizedSource):
@@ -263,6 +267,10 @@ def make_dataset(source, tokenizer: Tokenizer | None, cfg: PipelineConfig, *,
     tokens = source
   else:
     tokens = tokenize_examples(source, tokenizer, src_key=src_key, tgt_key=tgt_key)
+  if vocab_size is None:
+    vocab_size = getattr(tokenizer, 'vocab_size', None)
+  if vocab_size is not None:
+    tokens.check_ids(vocab_size)
   examples = _FittedExamples(tokens, cfg)
   if train and len(examples) == 0:  # would repeat nothing forever
     raise ValueError(f'none of the {len(tokens)} examples has a non-empty source and '

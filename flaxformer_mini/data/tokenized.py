@@ -17,11 +17,15 @@ no per-example conversion, and 4 bytes a token is small (the 30k-pair embedded s
 The cache is keyed by the tokenizer file's sha256, the source identity (tfds dataset
 full name + split, or a caller-given id), its length and the two keys; the key is stored
 in the file and checked on load. An unreadable, inconsistent or mismatched file is
-reported with `logging.warning` naming it and rebuilt, never used.
+reported with `logging.warning` naming it and rebuilt, never used; so is one holding an
+id outside the tokenizer's vocabulary. `TokenizedSource.check_ids` is the same check for
+`pipeline.make_dataset`, so an out-of-range id fails on the host, naming the source, and
+never reaches a jitted embedding lookup.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -50,6 +54,7 @@ class TokenizedSource:
     tgt_ids: [total_target_tokens] int32, every target with EOS_ID appended.
     tgt_offsets: [n + 1] int64, the same for targets.
     src_key / tgt_key: the text fields the two sides were read from (e.g. 'pt', 'en').
+    origin: where the ids came from (cache file or source id), named in errors; or None.
 
   `len(ts)` is n and `ts[i]` is {'inputs': [n_i] int32, 'targets': [m_i] int32}: what
   tokenizing example i on its own gives (targets end with EOS). The arrays are read-only
@@ -57,12 +62,14 @@ class TokenizedSource:
   """
 
   def __init__(self, src_ids: np.ndarray, src_offsets: np.ndarray, tgt_ids: np.ndarray,
-               tgt_offsets: np.ndarray, *, src_key: str, tgt_key: str):
+               tgt_offsets: np.ndarray, *, src_key: str, tgt_key: str,
+               origin: str | None = None):
     self.src_ids = _frozen(src_ids, np.int32)
     self.src_offsets = _frozen(src_offsets, np.int64)
     self.tgt_ids = _frozen(tgt_ids, np.int32)
     self.tgt_offsets = _frozen(tgt_offsets, np.int64)
     self.src_key, self.tgt_key = src_key, tgt_key
+    self.origin = origin
     _check_ragged('src', self.src_ids, self.src_offsets)
     _check_ragged('tgt', self.tgt_ids, self.tgt_offsets)
     if len(self.src_offsets) != len(self.tgt_offsets):
@@ -86,6 +93,26 @@ class TokenizedSource:
   def lengths(self) -> tuple[np.ndarray, np.ndarray]:
     """([n] source lengths, [n] target lengths incl. EOS), int64."""
     return np.diff(self.src_offsets), np.diff(self.tgt_offsets)
+
+  @functools.cached_property
+  def max_id(self) -> int:
+    """The largest id on either side (-1 when there are none), computed once."""
+    return max([int(x.max()) for x in (self.src_ids, self.tgt_ids) if x.size] or [-1])
+
+  def check_ids(self, vocab_size: int) -> None:
+    """Raises ValueError naming the source, side, example and id when an id is not in
+    [0, vocab_size) (ids < 0 are already refused at construction)."""
+    if self.max_id < vocab_size:
+      return
+    for side, ids, offsets in (('source', self.src_ids, self.src_offsets),
+                               ('target', self.tgt_ids, self.tgt_offsets)):
+      bad = np.flatnonzero(ids >= vocab_size)
+      if bad.size:
+        example = int(np.searchsorted(offsets, bad[0], side='right')) - 1
+        raise ValueError(
+            f'{self.origin or repr(self)}: {side} token id {int(ids[bad[0]])} (example '
+            f'{example}) is not in [0, vocab_size={vocab_size}); the ids were made with '
+            'a larger vocabulary (a stale tokenize cache? delete it to re-tokenize)')
 
   def __repr__(self) -> str:
     return (f'TokenizedSource({len(self)} examples, {self.src_key}->{self.tgt_key}, '
@@ -120,7 +147,8 @@ class TokenizedSource:
         raise ValueError(f'{path}: missing arrays {missing}')
       meta = json.loads(str(z['meta']))
       arrays = {k: z[k] for k in _ARRAYS}
-    return cls(**arrays, src_key=meta['src_key'], tgt_key=meta['tgt_key']), meta
+    return cls(**arrays, src_key=meta['src_key'], tgt_key=meta['tgt_key'],
+               origin=path), meta
 
 
 def _frozen(x: np.ndarray, dtype) -> np.ndarray:
@@ -187,7 +215,8 @@ def _ragged(rows: Sequence[Sequence[int]], append: int | None = None
 
 
 def tokenize_examples(source, tokenizer, *, src_key: str, tgt_key: str,
-                      chunk_size: int = 65536) -> TokenizedSource:
+                      chunk_size: int = 65536, origin: str | None = None
+                      ) -> TokenizedSource:
   """Tokenizes every example of a text source once (no cache).
 
   Args:
@@ -197,6 +226,7 @@ def tokenize_examples(source, tokenizer, *, src_key: str, tgt_key: str,
       `tokenizer.Tokenizer` runs SentencePiece's batched C++ encoder on all cores.
     src_key / tgt_key: the text fields of the two sides.
     chunk_size: examples read and encoded at a time (bounds the Python lists held).
+    origin: the result's `origin`; default `source_identity(source)`.
   Returns:
     TokenizedSource with len(source) examples in source order.
   """
@@ -220,7 +250,8 @@ def tokenize_examples(source, tokenizer, *, src_key: str, tgt_key: str,
 
   return TokenizedSource(np.concatenate(parts['src']), offsets(parts['src_len']),
                          np.concatenate(parts['tgt']), offsets(parts['tgt_len']),
-                         src_key=src_key, tgt_key=tgt_key)
+                         src_key=src_key, tgt_key=tgt_key,
+                         origin=origin or source_identity(source))
 
 
 def source_identity(source) -> str | None:
@@ -284,6 +315,8 @@ def tokenize_source(source, tokenizer, *, src_key: str, tgt_key: str,
         raise ValueError(f'cache key {stored} != expected {key}')
       if len(cached) != len(source):
         raise ValueError(f'{len(cached)} examples, source has {len(source)}')
+      if hasattr(tokenizer, 'vocab_size'):
+        cached.check_ids(tokenizer.vocab_size)
       logging.info('tokenized %s: %s (cached)', source_id, path)
       return cached
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
@@ -291,7 +324,7 @@ def tokenize_source(source, tokenizer, *, src_key: str, tgt_key: str,
                       type(e).__name__, e)
   t = time.perf_counter()
   tokens = tokenize_examples(source, tokenizer, src_key=src_key, tgt_key=tgt_key,
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, origin=path)
   tokens.save(path, key)
   logging.info('tokenized %s: %d examples in %.1f s -> %s', source_id, len(tokens),
                time.perf_counter() - t, path)

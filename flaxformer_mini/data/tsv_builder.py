@@ -24,13 +24,14 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
 
 import tensorflow_datasets as tfds
 from etils import epath
+
+from flaxformer_mini.data import textfile
 
 ENGLISH = 'en'
 SOURCE_TAG = 'source'
@@ -69,21 +70,30 @@ def _existing_paths(directory: str, pair: str, what: str) -> dict[str, str]:
 
 
 def read_tsv(path: str, other_lang: str) -> Iterator[dict[str, str]]:
-  """Yields {'en': str, other_lang: str, 'source': str} per line of a gzip'd TSV file.
+  """Yields {'en': str, other_lang: str, 'source': str} per line of a (gzip'd) TSV file.
 
-  Raises ValueError naming the file and line number when a line has not 3 columns.
+  Blank lines are skipped. Raises ValueError naming the file (and the line, 1-based, where
+  there is one) for a row without 3 columns or with an empty text, a file with no rows,
+  and the unreadable files of `textfile.read_lines` (not gzip, truncated, bad UTF-8).
   """
-  with gzip.open(path, 'rt', encoding='utf-8', newline='\n') as f:
-    for line_no, line in enumerate(f, start=1):
-      line = line.rstrip('\n')
-      if not line:
-        continue
-      cols = line.split('\t')
-      if len(cols) != 3:
-        raise ValueError(
-            f'{path}:{line_no}: expected 3 tab-separated columns '
-            f'(english, {other_lang}, source-tag), got {len(cols)}: {line[:80]!r}')
-      yield {ENGLISH: cols[0], other_lang: cols[1], SOURCE_TAG: cols[2]}
+  rows = 0
+  for line_no, line in textfile.read_lines(path):
+    if not line:
+      continue
+    cols = line.split('\t')
+    if len(cols) != 3:
+      raise ValueError(
+          f'{path} line {line_no}: expected 3 tab-separated columns '
+          f'(english, {other_lang}, source-tag), got {len(cols)}: {line[:80]!r}')
+    empty = [key for key, text in ((ENGLISH, cols[0]), (other_lang, cols[1]))
+             if not text.strip()]
+    if empty:
+      raise ValueError(f'{path} line {line_no}: empty {" and ".join(empty)} text: '
+                       f'{line[:80]!r}')
+    rows += 1
+    yield {ENGLISH: cols[0], other_lang: cols[1], SOURCE_TAG: cols[2]}
+  if not rows:
+    raise ValueError(f'{path}: empty file (no rows)')
 
 
 @dataclasses.dataclass

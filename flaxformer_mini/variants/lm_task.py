@@ -22,7 +22,6 @@ and on rows that only pad the last dev batch).
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import zlib
@@ -35,6 +34,7 @@ import numpy as np
 from flaxformer_mini import data as data_lib
 from flaxformer_mini import decoding, tasks, training
 from flaxformer_mini.config import TransformerConfig
+from flaxformer_mini.data import textfile
 from flaxformer_mini.models import DecoderOnlyLM, lm_decoding_fns
 
 Batch = Dict[str, np.ndarray]
@@ -42,14 +42,19 @@ BATCH_KEYS = ("inputs", "targets", "segmentation", "positions", "weights")
 
 
 def read_documents(path: str) -> List[str]:
-  """Documents of a (gzip'd) text file: blocks separated by blank lines, stripped."""
+  """Documents of a (gzip'd) UTF-8 text file: blocks separated by blank lines, stripped.
+
+  Raises ValueError naming the file for an unreadable one (`data.textfile.read_lines`:
+  not gzip, truncated, invalid UTF-8 with its line) or one without documents.
+  """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"LM corpus not found: {path!r} (config.data.corpus; the shared "
                             "corpus is ../shared/data/lm/en_corpus.txt.gz from the repo root)")
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    text = f.read()
-  return [d.strip() for d in text.split("\n\n") if d.strip()]
+  text = "\n".join(line for _, line in textfile.read_lines(path))
+  docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+  if not docs:
+    raise ValueError(f"{path}: empty file (no documents)")
+  return docs
 
 
 def split_documents(docs: Sequence[str], dev_permille: int) -> Tuple[List[str], List[str]]:
