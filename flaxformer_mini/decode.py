@@ -24,6 +24,11 @@ hides padding tokens).
 Empty (or whitespace-only) lines are not fed to the model; they come back as
 empty translations, so output line ``i`` always belongs to input line ``i``.
 
+Input must be UTF-8: a line that is not is refused with its line number and
+where it came from (stdin, the ``--input`` file, an argument). Token ids given
+to `Translator.search_ids` are checked on the host before the jitted search
+(under ``jit`` an out-of-range id would read a NaN embedding silently).
+
 A source longer than the model's ``max_len`` tokens (the encoder's position
 limit) is truncated to ``max_len`` with a warning naming its line
 (``on_long='truncate'``, the default) or refused with `InputTooLongError`
@@ -35,7 +40,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import logging
+import math
 import os
 import sys
 import time
@@ -70,6 +77,7 @@ class SearchConfig:
     method: 'beam' | 'greedy' | 'sample'.
     beam_size, alpha: beam search width and GNMT length-penalty exponent.
     temperature, top_k, top_p: sampling (0 = greedy, 0 = off, 1.0 = off).
+    The float options must be finite (NaN would silently give empty translations).
     seed: sampling seed; batch ``i`` (in length order) uses ``fold_in(key(seed), i)``,
       so samples depend on ``batch_size`` and on which other sentences are translated.
   """
@@ -86,6 +94,10 @@ class SearchConfig:
       raise ValueError(f'method={self.method!r} is not one of {METHODS}')
     if self.beam_size < 1:
       raise ValueError(f'beam_size={self.beam_size} must be >= 1')
+    for name in ('alpha', 'temperature', 'top_p'):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+        raise ValueError(f'{name}={value!r} must be a finite number')
     if self.temperature < 0:
       raise ValueError(f'temperature={self.temperature} must be >= 0')
     if self.top_k < 0:
@@ -213,17 +225,23 @@ class Translator:
     """Decodes token ids as they are (no bucketing; jitted per shape and options).
 
     Args:
-      inputs: [batch, src_len] int32 source ids, ``PAD_ID``-padded, no EOS.
+      inputs: [batch, src_len] int source ids, ``PAD_ID``-padded, no EOS; every id in
+        ``[0, model vocab_size)``. Checked here on the host, before the jitted search
+        (ValueError naming the first bad id, its row and position, and the vocab size).
       search: the search options (its ``seed`` is ignored; pass ``rng``).
       rng: PRNG key for sampling (default ``key(search.seed)``).
     Returns:
       (sequences [batch, max_decode_len] int32 without BOS, EOS then PAD;
        scores [batch] float32 length-penalised beam scores, or None unless beam).
     """
-    inputs = jnp.asarray(inputs, jnp.int32)
-    if inputs.ndim != 2 or inputs.shape[1] > self.model_config.max_len:
+    host = np.asarray(inputs)
+    if host.ndim != 2 or host.shape[1] > self.model_config.max_len:
       raise ValueError(f'expected inputs [batch, src_len <= {self.model_config.max_len}], '
-                       f'got shape {inputs.shape}')
+                       f'got shape {host.shape}')
+    if not np.issubdtype(host.dtype, np.integer):
+      raise TypeError(f'expected integer token ids for inputs, got dtype {host.dtype}')
+    decoding.check_token_ids(host, self.model_config.vocab_size, 'inputs')
+    inputs = jnp.asarray(host, jnp.int32)
     if rng is None:
       rng = jax.random.PRNGKey(search.seed)
     return _search(self.params, inputs, rng, model_config=self.model_config,
@@ -300,11 +318,77 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> list[str]:
   return lines
 
 
+def _decode_lines(data: bytes, where: str) -> list[str]:
+  """UTF-8 ``data`` split into lines as a text file reads them (no line ends).
+
+  Raises ValueError naming ``where`` and the 1-based line of the first invalid byte.
+  """
+  try:
+    data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = data.count(b'\n', 0, e.start) + 1
+    column = e.start - (data.rfind(b'\n', 0, e.start) + 1) + 1
+    raise ValueError(f'{where} line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x} '
+                     f'at column {column}); convert the input to UTF-8') from None
+  with io.TextIOWrapper(io.BytesIO(data), encoding='utf-8') as f:
+    return [line.rstrip('\r\n') for line in f]
+
+
 def _read_lines(path: str, what: str) -> list[str]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{what} file not found: {path!r}')
-  with open(path, encoding='utf-8') as f:
-    return [line.rstrip('\r\n') for line in f]
+  with open(path, 'rb') as f:
+    return _decode_lines(f.read(), f'{what} {path!r}')
+
+
+def _read_stdin() -> list[str]:
+  buffer = getattr(sys.stdin, 'buffer', None)
+  if buffer is None:  # an in-memory text stream: already decoded
+    return [line.rstrip('\r\n') for line in sys.stdin]
+  return _decode_lines(buffer.read(), 'stdin')
+
+
+def _check_arguments_utf8(sentences: Sequence[str]) -> None:
+  """Arguments with bytes that are not UTF-8 arrive as lone surrogates; refuse them."""
+  for i, s in enumerate(sentences):
+    try:
+      s.encode('utf-8')
+    except UnicodeEncodeError:
+      raise ValueError(f'sentence argument {i + 1} is not valid UTF-8') from None
+
+
+def _check_output(path: str) -> None:
+  """Raises ValueError unless ``path`` can be written: checked before any decoding work."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f'--output {path!r} is a directory, expected a file path')
+  if not os.path.isdir(parent):
+    raise ValueError(f'--output {path!r}: directory {parent!r} does not exist')
+  if not os.access(parent, os.W_OK | os.X_OK) or (
+      os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise ValueError(f'--output {path!r} is not writable')
+
+
+def _finite_float(text: str) -> float:
+  """argparse type: a finite float (argparse reports 'argument --x: ...', exit 2)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f'expected a finite number, got {text!r}')
+  return value
+
+
+def _positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {text!r}')
+  return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -321,14 +405,17 @@ def _parser() -> argparse.ArgumentParser:
                       help='beam search with N beams (default 4)')
   method.add_argument('--greedy', action='store_true', help='greedy search')
   method.add_argument('--sample', action='store_true', help='ancestral sampling')
-  p.add_argument('--alpha', type=float, default=None, help='beam length penalty (0.6)')
-  p.add_argument('--temperature', type=float, default=None, help='sampling temperature (1.0)')
+  p.add_argument('--alpha', type=_finite_float, default=None,
+                 help='beam length penalty (0.6)')
+  p.add_argument('--temperature', type=_finite_float, default=None,
+                 help='sampling temperature (1.0)')
   p.add_argument('--top_k', type=int, default=None, help='sample from the k best (0 = off)')
-  p.add_argument('--top_p', type=float, default=None, help='nucleus mass (1.0 = off)')
+  p.add_argument('--top_p', type=_finite_float, default=None, help='nucleus mass (1.0 = off)')
   p.add_argument('--seed', type=int, default=None, help='sampling seed (0)')
-  p.add_argument('--max_decode_len', type=int, default=None,
+  p.add_argument('--max_decode_len', type=_positive_int, default=None,
                  help='output tokens incl. EOS (default: the run\'s eval.max_decode_len)')
-  p.add_argument('--batch_size', type=int, default=32, help='sentences per batch (32)')
+  p.add_argument('--batch_size', type=_positive_int, default=32,
+                 help='sentences per batch (32)')
   p.add_argument('--on_long', choices=ON_LONG, default='truncate',
                  help='source longer than model max_len: truncate with a warning, or error')
   p.add_argument('--input', default=None, help='file with one source sentence per line')
@@ -367,12 +454,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's read-only notices off
   try:
+    if args.output is not None:
+      _check_output(args.output)
     if args.input is not None:
       sources = _read_lines(args.input, '--input')
     elif args.sentences:
+      _check_arguments_utf8(args.sentences)
       sources = list(args.sentences)
     else:
-      sources = [line.rstrip('\r\n') for line in sys.stdin]
+      sources = _read_stdin()
     references = None
     if args.reference is not None:
       references = _read_lines(args.reference, '--reference')
@@ -390,8 +480,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1
   text = ''.join(h + '\n' for h in hypotheses)
   if args.output is not None:
-    with open(args.output, 'w', encoding='utf-8') as f:
-      f.write(text)
+    try:
+      with open(args.output, 'w', encoding='utf-8') as f:
+        f.write(text)
+    except OSError as e:  # e.g. removed or filled since the check at start
+      print(f'error: cannot write --output {args.output!r}: {e}', file=sys.stderr)
+      return 1
   else:
     sys.stdout.write(text)
     sys.stdout.flush()

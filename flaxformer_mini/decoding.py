@@ -16,6 +16,18 @@ them run under ``jax.jit`` with the callback and the integer/float options stati
 Output convention (all searches): ``[..., max_decode_len]`` int32 sequences
 WITHOUT the leading BOS, EOS included, ``pad_id`` after EOS.
 
+Never generated: ``pad_id`` (it means "no token" in the output; a cached decoder
+would attend to a generated pad that a full forward pass masks, so scores would
+not match teacher forcing) and, unless ``allow_bos=True``, ``bos_id``. Their
+logits are set to -inf before a token is chosen; ``eos_id`` is never banned,
+even when it equals one of them. Forced prompt tokens are not affected.
+
+Token ids given by the caller (``prompt``, ``score_sequences``' ``sequences``)
+are checked on the host against the vocab size of the callback's logits when
+they are concrete (an eager call); a caller that jits a search over its own ids
+should check them first with :func:`check_token_ids` (out-of-range ids read NaN
+embeddings or garbage silently under ``jit``).
+
 Prompts (decoder-only models): ``prompt: [batch, prompt_len]`` right-padded with
 ``pad_id``. Row ``b``'s prompt length is the number of tokens before its first
 ``pad_id``. While step ``t < prompt_length[b]`` the token at position ``t`` is
@@ -37,6 +49,7 @@ also covers flax WMT's "no finished hypothesis -> return live beams" fallback).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -65,6 +78,49 @@ def _check_positive_int(name: str, value) -> None:
     raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
 
 
+def _check_finite(name: str, value) -> None:
+  if not math.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {name}={value!r}")
+
+
+def check_token_ids(ids, vocab_size: int, what: str = "ids") -> None:
+  """Raises ValueError naming the first id of ``ids`` outside ``[0, vocab_size)``.
+
+  Args:
+    ids: [batch, length] integer ids, a concrete (NumPy or device) array.
+    vocab_size: the model's vocab size.
+    what: name for the message: ``inputs[1, 3] = 517 is not a token id ...``.
+  """
+  values = np.asarray(ids)
+  bad = (values < 0) | (values >= vocab_size)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"{what}[{', '.join(map(str, where))}] = {int(values[where])} is not a "
+                     f"token id of this model (ids must be in [0, vocab_size={vocab_size}))")
+
+
+def _host_ids(ids) -> Optional[np.ndarray]:
+  """ids as a NumPy array, or None when they are traced (inside someone's ``jit``)."""
+  try:
+    return np.asarray(ids)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _banned_ids(pad_id: int, bos_id: int, eos_id: int, allow_bos: bool) -> tuple[int, ...]:
+  """Ids the searches never choose: pad, BOS unless ``allow_bos``, never EOS."""
+  banned = {pad_id} if allow_bos else {pad_id, bos_id}
+  return tuple(sorted(banned - {eos_id}))
+
+
+def _ban(scores: Array, banned: tuple[int, ...]) -> Array:
+  """scores [..., vocab] (logits or log-probs) with the ``banned`` ids set to -inf."""
+  ids = [i for i in banned if 0 <= i < scores.shape[-1]]
+  if not ids:
+    return scores
+  return scores.at[..., np.asarray(ids)].set(NEG_INF)
+
+
 def _check_cache(init_cache: PyTree, batch_size: int) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(init_cache)[0]:
     shape = jnp.shape(leaf)
@@ -85,7 +141,10 @@ def _prepare_prompt(prompt, batch_size: int, max_decode_len: int, pad_id: int):
   """Returns (prompt [batch, prompt_len] int32 or None, prompt_length [batch] int32)."""
   if prompt is None or jnp.shape(prompt)[-1] == 0:
     return None, jnp.zeros((batch_size,), jnp.int32)
-  prompt = jnp.asarray(prompt, jnp.int32)
+  prompt = jnp.asarray(prompt)
+  if not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise TypeError(f"expected integer prompt ids, got dtype {prompt.dtype}")
+  prompt = prompt.astype(jnp.int32)
   if prompt.ndim != 2 or prompt.shape[0] != batch_size:
     raise ValueError(f"expected prompt [batch_size={batch_size}, prompt_len], "
                      f"got shape {prompt.shape}")
@@ -109,12 +168,17 @@ def _forced_token(prompt: Array, t: Array) -> Array:
 
 
 def _token_by_token(tokens_to_logits, init_cache, choose, *, batch_size,
-                    max_decode_len, bos_id, eos_id, pad_id, prompt):
-  """Shared loop of greedy/sample; ``choose(logits [batch, vocab], t) -> [batch]``."""
+                    max_decode_len, bos_id, eos_id, pad_id, prompt, allow_bos):
+  """Shared loop of greedy/sample; ``choose(logits [batch, vocab], t) -> [batch]``.
+
+  ``choose`` sees the logits with the banned ids (module docstring) at -inf.
+  """
   _check_positive_int("batch_size", batch_size)
   _check_positive_int("max_decode_len", max_decode_len)
   _check_cache(init_cache, batch_size)
   prompt, prompt_length = _prepare_prompt(prompt, batch_size, max_decode_len, pad_id)
+  prompt_host = None if prompt is None else _host_ids(prompt)
+  banned = _banned_ids(pad_id, bos_id, eos_id, allow_bos)
 
   def cond(state):
     t, _, _, _, done = state
@@ -124,7 +188,9 @@ def _token_by_token(tokens_to_logits, init_cache, choose, *, batch_size,
     t, ids, cache, seqs, done = state
     logits, cache = tokens_to_logits(ids[:, None], cache)
     _check_logits(logits, batch_size)
-    token = choose(logits.astype(jnp.float32), t).astype(jnp.int32)
+    if prompt_host is not None:
+      check_token_ids(prompt_host, logits.shape[-1], "prompt")
+    token = choose(_ban(logits.astype(jnp.float32), banned), t).astype(jnp.int32)
     if prompt is not None:
       token = jnp.where(t < prompt_length, _forced_token(prompt, t), token)
     token = jnp.where(done, pad_id, token)
@@ -141,8 +207,10 @@ def _token_by_token(tokens_to_logits, init_cache, choose, *, batch_size,
 
 def greedy_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
                   batch_size: int, max_decode_len: int, bos_id: int, eos_id: int,
-                  pad_id: int = 0, prompt: Optional[Array] = None) -> Array:
-  """Picks the most probable token at every step.
+                  pad_id: int = 0, prompt: Optional[Array] = None,
+                  allow_bos: bool = False) -> Array:
+  """Picks the most probable token at every step (never ``pad_id``, nor ``bos_id``
+  unless ``allow_bos``; see the module docstring).
 
   Args:
     tokens_to_logits: ``(ids [batch, 1], cache) -> (logits [batch, vocab], cache)``.
@@ -151,6 +219,9 @@ def greedy_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
     bos_id, eos_id, pad_id: token ids (BOS is the first input, never output).
     prompt: optional ``[batch, prompt_len]`` forced prefix, right-padded with
       ``pad_id``; ``prompt_len <= max_decode_len`` (see the module docstring).
+      Ids must be in ``[0, vocab)``; checked when concrete (module docstring).
+    allow_bos: let ``bos_id`` be generated (e.g. a model trained to emit it as a
+      separator); ``pad_id`` never is.
 
   Returns:
     ``[batch, max_decode_len]`` int32, without BOS, ``pad_id`` after EOS.
@@ -158,7 +229,7 @@ def greedy_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
   choose = lambda logits, t: jnp.argmax(logits, axis=-1)
   return _token_by_token(tokens_to_logits, init_cache, choose, batch_size=batch_size,
                          max_decode_len=max_decode_len, bos_id=bos_id, eos_id=eos_id,
-                         pad_id=pad_id, prompt=prompt)
+                         pad_id=pad_id, prompt=prompt, allow_bos=allow_bos)
 
 
 def top_k_filter(logits: Array, k: int) -> Array:
@@ -183,24 +254,27 @@ def top_p_filter(logits: Array, p: float) -> Array:
 def sample(tokens_to_logits: TokensToLogits, init_cache: PyTree, rng: Array, *,
            batch_size: int, max_decode_len: int, bos_id: int, eos_id: int,
            pad_id: int = 0, prompt: Optional[Array] = None, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0) -> Array:
+           top_k: int = 0, top_p: float = 1.0, allow_bos: bool = False) -> Array:
   """Ancestral sampling with temperature, then top-k, then top-p filtering.
 
+  The banned ids (module docstring) are removed first, so the filters and the
+  draw see the distribution renormalised over the ids that may be generated.
   Step ``t`` draws from ``categorical(filtered(logits / temperature))`` with key
   ``jax.random.fold_in(rng, t)``; top-p is applied to the distribution left
   after top-k. ``temperature == 0`` is greedy search (filters are then moot).
 
   Args:
     tokens_to_logits, init_cache, batch_size, max_decode_len, bos_id, eos_id,
-      pad_id, prompt: as in :func:`greedy_search`.
+      pad_id, prompt, allow_bos: as in :func:`greedy_search`.
     rng: a PRNG key.
-    temperature: static float >= 0.
+    temperature: static finite float >= 0.
     top_k: static int >= 0; 0 means off.
     top_p: static float in (0, 1]; 1.0 means off.
 
   Returns:
     ``[batch, max_decode_len]`` int32, without BOS, ``pad_id`` after EOS.
   """
+  _check_finite("temperature", temperature)
   if not temperature >= 0:
     raise ValueError(f"temperature must be >= 0, got temperature={temperature!r}")
   if not isinstance(top_k, (int, np.integer)) or top_k < 0:
@@ -220,7 +294,7 @@ def sample(tokens_to_logits: TokensToLogits, init_cache: PyTree, rng: Array, *,
 
   return _token_by_token(tokens_to_logits, init_cache, choose, batch_size=batch_size,
                          max_decode_len=max_decode_len, bos_id=bos_id, eos_id=eos_id,
-                         pad_id=pad_id, prompt=prompt)
+                         pad_id=pad_id, prompt=prompt, allow_bos=allow_bos)
 
 
 # ---------------------------------------------------------------------------
@@ -259,7 +333,8 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
                 batch_size: int, beam_size: int, max_decode_len: int, bos_id: int,
                 eos_id: int, pad_id: int = 0, alpha: float = 0.6, num_return: int = 1,
                 prompt: Optional[Array] = None,
-                static_cache_keys: tuple[str, ...] = ()) -> tuple[Array, Array]:
+                static_cache_keys: tuple[str, ...] = (),
+                allow_bos: bool = False) -> tuple[Array, Array]:
   """Beam search with finished-hypothesis bookkeeping and a GNMT length penalty.
 
   The callback sees beams flattened into the batch: ``ids [batch*beam, 1]``,
@@ -278,12 +353,17 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
   by the largest length penalty still possible, that of ``max_decode_len``
   when ``alpha >= 0``); the loop stops when every row has stopped.
 
+  The banned ids (module docstring) get log-prob -inf *after* the log-softmax,
+  so the other tokens keep the model's own log-probs and a returned score is
+  the model's (teacher-forced) log-prob of the returned tokens over the length
+  penalty.
+
   Args:
     tokens_to_logits: ``(ids [batch*beam, 1], cache) -> (logits [batch*beam, vocab], cache)``.
     init_cache: pytree for ``batch_size`` rows (leaves ``[batch, ...]`` or scalars).
     batch_size, beam_size, max_decode_len: static ints >= 1.
     bos_id, eos_id, pad_id: token ids.
-    alpha: length-penalty exponent (0 = plain sum of log-probs).
+    alpha: finite length-penalty exponent (0 = plain sum of log-probs).
     num_return: how many hypotheses to return per row, ``<= beam_size``.
     prompt: optional ``[batch, prompt_len]`` forced prefix (module docstring);
       its tokens count neither in the log-prob nor in the length.
@@ -294,6 +374,7 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
       callback must map flat row ``r`` to their row ``r // beam_size`` (the
       models' cross-attention does). This saves a gather per step and reads
       each row's encoder K/V once per step instead of once per beam.
+    allow_bos: as in :func:`greedy_search`.
 
   Returns:
     sequences: ``[batch, num_return, max_decode_len]`` int32, best first,
@@ -307,8 +388,11 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
   _check_positive_int("num_return", num_return)
   if num_return > beam_size:
     raise ValueError(f"num_return={num_return} must be <= beam_size={beam_size}")
+  _check_finite("alpha", alpha)
   _check_cache(init_cache, batch_size)
   prompt, prompt_length = _prepare_prompt(prompt, batch_size, max_decode_len, pad_id)
+  prompt_host = None if prompt is None else _host_ids(prompt)
+  banned = _banned_ids(pad_id, bos_id, eos_id, allow_bos)
   b, k, max_len = batch_size, beam_size, max_decode_len
   max_generated = max_len - prompt_length  # [batch]
 
@@ -331,7 +415,10 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
     logits, cache = tokens_to_logits(ids.reshape(b * k, 1), cache)
     _check_logits(logits, b * k)
     vocab = logits.shape[-1]
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, vocab)
+    if prompt_host is not None:
+      check_token_ids(prompt_host, vocab, "prompt")
+    logprobs = _ban(jax.nn.log_softmax(logits.astype(jnp.float32)), banned)
+    logprobs = logprobs.reshape(b, k, vocab)
     if prompt is not None:
       is_forced = jnp.arange(vocab) == _forced_token(prompt, t)[:, None, None]
       forced_logprobs = jnp.where(is_forced, 0.0, NEG_INF)
@@ -396,7 +483,8 @@ def score_sequences(tokens_to_logits: TokensToLogits, init_cache: PyTree,
   Args:
     tokens_to_logits: ``(ids [batch, 1], cache) -> (logits [batch, vocab], cache)``.
     init_cache: pytree; leaves with ndim >= 1 are ``[batch, ...]``.
-    sequences: ``[batch, seq_len]`` int, without BOS (the decoders' output format).
+    sequences: ``[batch, seq_len]`` int, without BOS (the decoders' output format);
+      ids in ``[0, vocab)``, checked when concrete (module docstring).
     bos_id, eos_id, pad_id: token ids.
 
   Returns:
@@ -407,12 +495,15 @@ def score_sequences(tokens_to_logits: TokensToLogits, init_cache: PyTree,
     raise ValueError(f"expected sequences [batch, seq_len], got shape {sequences.shape}")
   batch = sequences.shape[0]
   _check_cache(init_cache, batch)
+  sequences_host = _host_ids(sequences)
   inputs = jnp.concatenate([jnp.full((batch, 1), bos_id, jnp.int32), sequences[:, :-1]], 1)
 
   def step(cache, ids_and_targets):
     ids, targets = ids_and_targets  # [batch] each
     logits, cache = tokens_to_logits(ids[:, None], cache)
     _check_logits(logits, batch)
+    if sequences_host is not None:
+      check_token_ids(sequences_host, logits.shape[-1], "sequences")
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
     return cache, jnp.take_along_axis(logprobs, targets[:, None], axis=1)[:, 0]
 

@@ -9,7 +9,8 @@ generated and padding is unambiguous), 1 = EOS, 2.. = ordinary tokens.
 * Prefix model: logits depend on the whole prefix and on a per-row context; the
   cache holds the prefix [batch, max_len], the row id [batch] and a scalar step,
   so beam search must reorder the cache correctly to get anything right.
-Both have float64 NumPy references.
+Both have float64 NumPy references. The pad/BOS tests below also decode a tiny random
+`Transformer` and compare beam scores with its full (teacher-forced) forward pass.
 """
 
 import functools
@@ -482,6 +483,10 @@ def test_sample_with_prompt_and_jit():
     (dict(num_return=3), "num_return=3 must be <= beam_size=2"),
     (dict(max_decode_len=0), "max_decode_len=0"),
     (dict(prompt=np.ones((2, 5), np.int32)), "prompt_len=5 .* max_decode_len=4"),
+    (dict(prompt=np.array([[2, 3], [9, 0]], np.int32)),
+     r"prompt\[1, 0\] = 9.*vocab_size=4"),
+    (dict(alpha=float("nan")), "alpha=nan"),
+    (dict(alpha=float("inf")), "alpha=inf"),
 ])
 def test_beam_search_errors(kwargs, match):
   model = MarkovModel(seed=0, vocab=4, max_len=4)
@@ -498,6 +503,10 @@ def test_beam_search_errors(kwargs, match):
     (dict(top_k=-1), "top_k=-1"),
     (dict(max_decode_len=0), "max_decode_len=0"),
     (dict(prompt=np.ones((2, 5), np.int32)), "prompt_len=5 .* max_decode_len=4"),
+    (dict(prompt=np.array([[2, -1], [3, 0]], np.int32)),
+     r"prompt\[0, 1\] = -1.*vocab_size=4"),
+    (dict(temperature=float("inf")), "temperature=inf"),
+    (dict(temperature=float("nan")), "temperature=nan"),
 ])
 def test_sample_errors(kwargs, match):
   model = MarkovModel(seed=0, vocab=4, max_len=4)
@@ -512,3 +521,95 @@ def test_cache_batch_axis_is_checked():
   with pytest.raises(ValueError, match=r"\['prev'\].*batch_size=3.*\(2,\)"):
     decoding.greedy_search(model, model.init_cache(2), batch_size=3, max_decode_len=4,
                            bos_id=BOS, eos_id=EOS)
+
+
+def test_score_sequences_refuses_out_of_range_ids():
+  model = MarkovModel(seed=0, vocab=4, max_len=4)
+  with pytest.raises(ValueError, match=r"sequences\[1, 2\] = 4"):
+    decoding.score_sequences(model, model.init_cache(2), np.array([[2, 3, 1], [2, 2, 4]]),
+                             bos_id=BOS, eos_id=EOS, pad_id=PAD)
+
+
+# ---------------------------------------------------------------------------
+# Pad and BOS are never generated.
+# ---------------------------------------------------------------------------
+
+
+def _search(method, model, batch, max_len, bos, **kw):
+  """[rows, max_len] outputs of greedy / beam (all 3 hypotheses) / sample."""
+  common = dict(batch_size=batch, max_decode_len=max_len, bos_id=bos, eos_id=EOS, pad_id=PAD)
+  cache = model.init_cache(batch)
+  if method == "greedy":
+    return np.asarray(decoding.greedy_search(model, cache, **common, **kw))
+  if method == "beam":
+    seqs, _ = decoding.beam_search(model, cache, beam_size=3, num_return=3, **common, **kw)
+    return np.asarray(seqs).reshape(-1, max_len)
+  return np.asarray(decoding.sample(model, cache, jax.random.PRNGKey(0), **common, **kw))
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "sample"])
+def test_pad_and_bos_are_never_generated_even_when_most_likely(method):
+  # BOS = 2 here (not PAD), so the two bans are told apart. PAD (then BOS) has the
+  # largest logit at every step; unbanned, every search would emit them mid-sequence.
+  vocab, max_len, batch, bos = 6, 6, 8, 2
+  model = MarkovModel(seed=15, vocab=vocab, max_len=max_len, scale=1.0)
+  model.table[:, :, PAD] = 20.0
+  model.table[:, :, bos] = 10.0
+  seqs = _search(method, model, batch, max_len, bos)
+  _check_eos_padding(seqs)  # PAD only after EOS
+  assert not (seqs == bos).any(), seqs
+  assert (seqs > bos).any()  # ordinary tokens were generated: the check is not vacuous
+
+  with_bos = _search(method, model, batch, max_len, bos, allow_bos=True)
+  _check_eos_padding(with_bos)  # allow_bos never lets PAD through
+  assert (with_bos == bos).any(), with_bos
+
+
+def test_eos_is_never_banned_when_it_shares_the_bos_id():
+  # Some LMs use one id for BOS and EOS: the ban on BOS must not stop rows from ending.
+  model = MarkovModel(seed=16, vocab=5, max_len=6)
+  model.table[1, :, EOS] = 30.0
+  out = decoding.greedy_search(model, model.init_cache(3), batch_size=3, max_decode_len=6,
+                               bos_id=EOS, eos_id=EOS, pad_id=PAD)
+  assert np.all(np.asarray(out)[:, 1] == EOS)
+
+
+def test_beam_score_equals_teacher_forced_score_of_a_tiny_transformer():
+  # The output bias makes PAD the most likely token. Were it generated, the cached
+  # decoder would attend to it while the full forward pass masks it (and the scores
+  # would differ); banned, the beam scores are the model's own scores of the returned
+  # tokens. Ids as in data.tokenizer: PAD 0, EOS 1, BOS 3.
+  from flaxformer_mini.config import TransformerConfig
+  from flaxformer_mini.models import STATIC_CACHE_KEYS, Transformer, seq2seq_decoding_fns
+  pad, eos, bos, vocab = 0, 1, 3, 10
+  batch, beam, max_len, alpha = 3, 3, 6, 0.6
+  cfg = TransformerConfig(vocab_size=vocab, d_model=16, num_heads=2, d_ff=32,
+                          num_encoder_layers=1, num_decoder_layers=2, max_len=8,
+                          dropout_rate=0.0, tie_output=False)
+  model = Transformer(cfg)
+  src = jnp.array([[4, 5, 6, 7, 8], [9, 8, 7, 0, 0], [5, 5, 4, 6, 0]], jnp.int32)
+  params = model.init(jax.random.PRNGKey(1), src, src[:, :max_len])["params"]
+  bias = params["decoder"]["logits"]["bias"]
+  params["decoder"]["logits"]["bias"] = bias.at[pad].add(4.0).at[bos].add(2.0)
+
+  t2l, cache = seq2seq_decoding_fns(model, params, src, max_len)
+  first_logits, _ = t2l(jnp.full((batch, 1), bos, jnp.int32), cache)
+  assert (np.argmax(first_logits, -1) == pad).all()  # the model does want PAD
+  seqs, scores = decoding.beam_search(
+      t2l, cache, batch_size=batch, beam_size=beam, max_decode_len=max_len, bos_id=bos,
+      eos_id=eos, pad_id=pad, alpha=alpha, num_return=beam,
+      static_cache_keys=STATIC_CACHE_KEYS)
+  flat = np.asarray(seqs).reshape(batch * beam, max_len)
+  _check_eos_padding(flat)
+  assert not (flat == bos).any()
+
+  # Teacher forcing: one full forward pass over BOS + the returned tokens.
+  decoder_inputs = np.concatenate([np.full((batch * beam, 1), bos), flat[:, :-1]], 1)
+  logits = model.apply({"params": params}, jnp.repeat(src, beam, axis=0),
+                       jnp.asarray(decoder_inputs, jnp.int32))
+  logprobs = np.take_along_axis(_log_softmax(logits), flat[..., None], -1)[..., 0]
+  is_eos = flat == eos
+  scored = (np.cumsum(is_eos, 1) - is_eos) == 0  # up to and including the first EOS
+  expected = (np.where(scored, logprobs, 0.0).sum(1)
+              / _penalty(scored.sum(1), alpha))
+  np.testing.assert_allclose(np.asarray(scores).reshape(-1), expected, rtol=1e-5, atol=1e-4)
