@@ -207,7 +207,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last_dev = dev
       if scalars or dev:
         writer.write(step, {**scalars, **dev})
-      if step % config.checkpoint_every == 0 or last:
+      # keep_best ranks by dev metrics, so every evaluated step is also saved
+      if step % config.checkpoint_every == 0 or last or (dev and config.keep_best):
         check_finite(pending)
         pending = None
         save(step, dev or None)

@@ -152,6 +152,18 @@ def test_keep_best_survives_restarts_and_never_ranks_nan(tmp_path):
     assert json.load(f)['metrics'] == {'dev/nll': 0.5}
 
 
+def test_every_evaluation_is_saved_when_keep_best(tmp_path):
+  # eval_every=3 is not a multiple of checkpoint_every=4: step 3 must still be saved and ranked.
+  workdir = str(tmp_path / 'run')
+  config = _smoke(eval_every=3, checkpoint_every=4, num_train_steps=6, keep=3, keep_best=1)
+  train.train_and_evaluate(config, workdir)
+  ckpt = checkpoints.Checkpointer(workdir, keep=3, keep_best=1, async_save=False)
+  assert ckpt.steps() == [3, 4, 6]
+  assert np.isfinite(ckpt.metric(3)) and np.isfinite(ckpt.metric(6))
+  assert ckpt.metric(4) is None
+  ckpt.close()
+
+
 # ----------------------------------------------------------------------------- divergence
 
 
