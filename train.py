@@ -39,6 +39,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     'Experiment config file (configs/*.py); override fields with --config.<field>=value.')
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Run directory (default: runs/<config file name>).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+    'host:port of process 0 in a multi-process run (default $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', int(os.environ.get('JAX_NUM_PROCESSES', '1')),
+    'processes in the run (default $JAX_NUM_PROCESSES or 1); > 1 joins jax.distributed.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', int(os.environ.get('JAX_PROCESS_ID', '0')),
+    'this process, 0 .. num_processes - 1 (default $JAX_PROCESS_ID or 0).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'call jax.distributed.initialize() with its cluster auto-detection '
+    '(SLURM, Open MPI, Kubernetes, Cloud TPU) instead of the three flags above.')
 
 log = logging.getLogger('train')
 
@@ -70,6 +82,16 @@ class MetricWriter:
     self.tb.close()
 
 
+class NullWriter:
+  """What processes other than 0 write: nothing."""
+
+  def write(self, step: int, scalars: dict) -> None:
+    del step, scalars
+
+  def close(self) -> None:
+    pass
+
+
 class StopSignal:
   """First SIGTERM/SIGINT: stop after the current step (and checkpoint). Second: abort."""
 
@@ -90,6 +112,28 @@ class StopSignal:
           'checkpoint (again to abort)', file=sys.stderr, flush=True)
 
 
+def join_processes() -> None:
+  """Joins a multi-process run (JAX's own runtime) before anything touches the devices."""
+  import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  elif _NUM_PROCESSES.value > 1:
+    if not _COORDINATOR.value:
+      sys.exit('train.py: error: --num_processes > 1 needs --coordinator_address=host:port '
+               '(or $JAX_COORDINATOR_ADDRESS)')
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      sys.exit(f'train.py: error: --process_id={_PROCESS_ID.value} must be in '
+               f'[0, {_NUM_PROCESSES.value})')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def _sync(name: str) -> None:
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def dev_metrics(task, fns, dstate) -> dict:
   from flaxformer_mini import training
   import jax
@@ -106,47 +150,68 @@ def train_and_evaluate(config, workdir: str) -> dict:
   import jax
   import jax.numpy as jnp
   from tqdm import tqdm
-  from flaxformer_mini import checkpoints, runtime, tasks, training
+  from flaxformer_mini import checkpoints, runtime, sharding, tasks, training
 
   if not workdir or not str(workdir).strip():
     raise ValueError('--workdir is empty (an unset shell variable?); name a run directory')
   training.validate_config(config)
   workdir = os.path.abspath(workdir)
+  main_process = jax.process_index() == 0
+  say = print if main_process else (lambda *a, **k: None)
   os.makedirs(workdir, exist_ok=True)
   t_setup = time.time()
-  task = tasks.get_task(config, workdir)
   tx, schedule = training.make_optimizer(config)
-  fns = training.make_step_fns(task.loss_and_metrics, tx, config.parallel, config.batch_chunks)
-  if config.batch_size % fns.num_devices or config.data.eval_batch_size % fns.num_devices:
-    raise ValueError(f'batch_size={config.batch_size} and data.eval_batch_size='
-                     f'{config.data.eval_batch_size} must be multiples of the '
-                     f'{fns.num_devices} devices')
-  if config.batch_size % (fns.num_devices * config.batch_chunks):
-    raise ValueError(f'batch_size={config.batch_size} must be a multiple of '
-                     f'batch_chunks={config.batch_chunks} x {fns.num_devices} devices')
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = training.TrainState.create(task.init_params(init_rng), tx, train_rng)
+  # Process 0 builds the task first (tokenizer, TFDS files, token caches); the others
+  # then find everything written and only read it.
+  if not main_process:
+    _sync('task files written')
+  task = tasks.get_task(config, workdir)
   train_iter = task.train_iterator()
+  if main_process:
+    task.eval_batches()
+    _sync('task files written')
+  mesh = config.get('mesh', {})
+  fns = training.make_step_fns(
+      task.loss_and_metrics, tx, config.parallel, config.batch_chunks,
+      mesh_sizes={k: mesh[k] for k in ('data', 'fsdp', 'tensor') if k in mesh},
+      rules=dict(mesh['rules']) if 'rules' in mesh else None)
+  parts = fns.batch_parts
+  if config.batch_size % parts or config.data.eval_batch_size % parts:
+    raise ValueError(f'config.batch_size={config.batch_size} and config.data.eval_batch_size='
+                     f'{config.data.eval_batch_size} must be multiples of the {parts} row '
+                     f'blocks of the batch ({config.parallel} over {fns.num_devices} devices)')
+  if config.batch_size % (parts * config.batch_chunks):
+    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of '
+                     f'batch_chunks={config.batch_chunks} x {parts} row blocks')
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_state = lambda: training.TrainState.create(task.init_params(init_rng), tx, train_rng)
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep, keep_best=config.keep_best,
                                   async_save=config.async_checkpointing)
   restored = ckpt.restore_latest(
-      state, expect_model=checkpoints.config_to_dict(config.model),
+      fns.abstract_state(init_state), expect_model=checkpoints.config_to_dict(config.model),
       config=checkpoints.config_to_dict(config), params_only=config.restore_params_only,
       tx=tx, start_over=config.start_over_if_unreadable)
   start = 0
   if restored is not None:
     start, state, data_state, _ = restored
     train_iter.set_state(data_state)
-    print(f'resumed from {ckpt.directory}/{start}', flush=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:  # only once the run is accepted
-    f.write(config.to_json_best_effort(indent=2))
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  print(f'task={task.name} params={n_params:,} devices={fns.num_devices} ({config.parallel}) '
-        f'huge_pages={"on" if runtime.huge_pages_active() else "off"} '
-        f'setup={time.time() - t_setup:.1f}s workdir={workdir}', flush=True)
-  dstate = fns.put_state(state)
-  del state
-  writer = MetricWriter(workdir, start)
+    say(f'resumed from {ckpt.directory}/{start}', flush=True)
+    dstate = fns.put_state(state)
+    del state
+  else:
+    dstate = fns.create_state(init_state)
+  if main_process:  # only once the run is accepted
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(dstate.params))
+  say(f'task={task.name} params={n_params:,} devices={fns.num_devices} ({config.parallel}'
+      f'{" " + fns.layout if fns.layout else ""}, {jax.process_count()} process'
+      f'{"es" if jax.process_count() > 1 else ""}) per-device: params '
+      f'{sharding.per_device_bytes(dstate.params) / 2**20:.1f} MiB + optimizer '
+      f'{sharding.per_device_bytes(dstate.opt_state) / 2**20:.1f} MiB '
+      f'huge_pages={"on" if runtime.huge_pages_active() else "off"} '
+      f'setup={time.time() - t_setup:.1f}s workdir={workdir}', flush=True)
+  writer = MetricWriter(workdir, start) if main_process else NullWriter()
   accum = config.optimizer.accum_steps
   total = config.num_train_steps
   stop = StopSignal()
@@ -171,10 +236,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f'{message}. Training stopped; the last good checkpoint is {ckpt.latest_path()} '
           '(the state was never saved with NaN/inf). Lower the learning rate, or rerun with '
           "--config.nonfinite=skip to skip such updates")
-    bar.write(f'{message} (skipped; {skipped} so far)')
+    note(f'{message} (skipped; {skipped} so far)')
 
   step, sums, window_t, n_micro, last_dev = start, None, time.time(), 0, {}
-  bar = tqdm(total=total, initial=start, desc='train', dynamic_ncols=True, file=sys.stderr)
+  bar = tqdm(total=total, initial=start, desc='train', dynamic_ncols=True, file=sys.stderr,
+             disable=not main_process)
+  note = bar.write if main_process else (lambda text: None)
   try:
     while step < total and stop.signum is None:
       for _ in range(accum):
@@ -201,9 +268,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         dev = dev_metrics(task, fns, dstate)
         bleu_every = config.eval.bleu_every
         if bleu_every and step % bleu_every == 0 and not last:
-          bleu, _ = task.evaluate(fns.get_state(dstate).params)
+          bleu, _ = task.evaluate(fns.host_params(dstate))
           dev.update({f'dev/{k}': v for k, v in bleu.items()})
-        bar.write(f'step {step}: ' + ' '.join(f'{k}={v:.4g}' for k, v in dev.items()))
+        note(f'step {step}: ' + ' '.join(f'{k}={v:.4g}' for k, v in dev.items()))
         last_dev = dev
       if scalars or dev:
         writer.write(step, {**scalars, **dev})
@@ -216,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if stop.signum is not None and step < total:
       save(step)
       ckpt.close()
-      print(f'stopped at step {step} by {signal.Signals(stop.signum).name}; checkpoint saved '
+      say(f'stopped at step {step} by {signal.Signals(stop.signum).name}; checkpoint saved '
             f'in {ckpt.directory}; rerun the same command to resume', flush=True)
       sys.exit(128 + stop.signum)
   except KeyboardInterrupt:
@@ -237,13 +304,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   final = dict(last_dev) if last_dev else dev_metrics(task, fns, dstate)
   if config.eval.get('final_bleu', True) and hasattr(task, 'evaluate'):
     t = time.time()
-    extra, samples = task.evaluate(fns.get_state(dstate).params)
+    extra, samples = task.evaluate(fns.host_params(dstate))
     final.update({f'dev/{k}': v for k, v in extra.items()})
     writer_final = {f'final/{k.split("/", 1)[1]}': v for k, v in final.items()}
-    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-      f.write(json.dumps({'step': step, **writer_final}) + '\n')
-    print(f'evaluation took {time.time() - t:.1f}s; examples:\n' + '\n\n'.join(samples))
-  print('final dev: ' + ' '.join(f'{k}={v:.4g}' for k, v in final.items()), flush=True)
+    if main_process:
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps({'step': step, **writer_final}) + '\n')
+    say(f'evaluation took {time.time() - t:.1f}s; examples:\n' + '\n\n'.join(samples))
+  say('final dev: ' + ' '.join(f'{k}={v:.4g}' for k, v in final.items()), flush=True)
   return final
 
 
@@ -262,13 +330,14 @@ def main(argv):
         flags.FLAGS['config'])))[0]
     workdir = os.path.join('runs', name)
   from flaxformer_mini import checkpoints
+  join_processes()
   try:
     train_and_evaluate(config, workdir)
   except (checkpoints.ResumeError, checkpoints.NoReadableCheckpointError,
           checkpoints.CheckpointWriteError, TrainingDiverged) as e:
     sys.exit(f'train.py: error: {e}')
   except ValueError as e:
-    if str(e).startswith(('config.', '--workdir', 'batch_chunks')):
+    if str(e).startswith(('config.', '--workdir', 'batch_chunks', 'parameter ')):
       sys.exit(f'train.py: error: {e}')
     raise
 

@@ -16,7 +16,17 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = 'translation'              # name in flaxformer_mini.tasks registry
   c.seed = 0                          # params init, dropout and data-shuffle seed
-  c.parallel = 'jit'                  # 'jit' (one device) | 'pmap' (all local devices)
+  c.parallel = 'mesh'                 # 'mesh' (config.mesh over all devices of all
+                                      # processes) | 'jit' (one device) | 'pmap' (replicas)
+  c.mesh = ml_collections.ConfigDict()  # README "Scaling"; product = number of devices
+  c.mesh.data = -1                    # batch rows split, params replicated; -1 = the rest
+  c.mesh.fsdp = 1                     # batch rows AND params/optimizer split on 'embed'
+  c.mesh.tensor = 1                   # params split on 'heads'/'mlp'/'vocab'
+  # logical axis -> mesh axes ('data,fsdp'; '' = replicated); see flaxformer_mini/sharding.py
+  c.mesh.rules = ml_collections.ConfigDict(dict(
+      batch='data,fsdp', embed='fsdp', heads='tensor', mlp='tensor', vocab='tensor', kv='',
+      norm='', position='', token_type='', buckets='', classes='', patch='', layers='',
+      length=''))
   c.batch_size = 64                   # rows per micro-batch (global; split across devices)
   c.num_train_steps = 1000            # optimizer updates (each = accum_steps micro-batches)
   c.batch_chunks = 1                  # loss over this many row chunks of a micro-batch in one

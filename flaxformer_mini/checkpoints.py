@@ -8,7 +8,8 @@ Layout of a run dir (``--workdir``)::
       metrics.jsonl, tb/        written by train.py
       checkpoints/<step>/       one orbax checkpoint per saved step, items:
           state/                TrainState: step, params, opt_state, rng   (StandardSave)
-          data/                 train-iterator state (grain get_state)     (JsonSave)
+          data/                 train-iterator state of each process       (ProcessJsonSave)
+                                process_<i>-of-<n>.json, written by process i
           config/               the full ConfigDict                        (JsonSave)
           meta/                 step, task, asset sha256s, dev metrics     (JsonSave)
       corrupt/<step>-<time>/    checkpoints found unreadable, moved aside
@@ -35,6 +36,7 @@ optimizer-state tree changed by new optimizer settings) is never quarantined: it
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -60,7 +62,7 @@ BEST_METRIC = 'dev/nll'
 # Config fields that steer a run but never change what a checkpoint holds.
 RUN_CONTROL_FIELDS = ('num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep',
                       'keep_best', 'async_checkpointing', 'eval', 'restore_params_only',
-                      'start_over_if_unreadable', 'nonfinite')
+                      'start_over_if_unreadable', 'nonfinite', 'parallel', 'mesh')
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +79,100 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (e.g. no space left); older ones are intact."""
 
 
+class ProcessJsonHandler(ocp.CheckpointHandler):
+  """One JSON file per process (``process_<i>-of-<n>.json``), written by that process.
+
+  Orbax's JsonCheckpointHandler writes on process 0 only, which would keep process 0's
+  train-iterator position for all. Restoring with another process count reads the
+  files only if they are all equal (each process then had the same position);
+  a checkpoint written before this layout (one ``metadata`` file) reads as that file.
+  """
+
+  def save(self, directory, args):
+    index, count = jax.process_index(), jax.process_count()
+    path = os.path.join(os.fspath(directory), f'process_{index}-of-{count}.json')
+    with open(path, 'w') as f:
+      json.dump(args.item, f)
+
+  def restore(self, directory, args=None):
+    del args
+    directory = os.fspath(directory)
+    index, count = jax.process_index(), jax.process_count()
+    mine = os.path.join(directory, f'process_{index}-of-{count}.json')
+    if os.path.isfile(mine):
+      with open(mine) as f:
+        return json.load(f)
+    names = sorted(n for n in os.listdir(directory) if n.startswith('process_'))
+    if not names and os.path.isfile(os.path.join(directory, 'metadata')):
+      with open(os.path.join(directory, 'metadata')) as f:
+        return json.load(f)
+    states = []
+    for n in names:
+      with open(os.path.join(directory, n)) as f:
+        states.append(json.load(f))
+    if states and all(x == states[0] for x in states):
+      return states[0]
+    raise ValueError(f'{directory!r} holds the data-iterator state of {len(names)} processes '
+                     f'({", ".join(names) or "none"}), which differ; this run has {count}: '
+                     'resume with the same process count')
+
+  def metadata(self, directory):
+    del directory
+    return None
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+  pass
+
+
 def _handlers() -> dict:
-  return {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+  return {'state': ocp.StandardCheckpointHandler(), 'data': ProcessJsonHandler(),
           'config': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+
+
+def abstract_with_sharding(saved_tree: PyTree, like: PyTree) -> PyTree:
+  """``jax.ShapeDtypeStruct``s of a checkpoint's metadata tree, each with a sharding.
+
+  A leaf whose path and shape are in ``like`` takes that leaf's sharding; the others
+  are replicated over ``like``'s devices. Orbax restores a checkpoint saved on any
+  mesh onto these shardings (it refuses a multi-device checkpoint without them).
+  """
+  from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+  known = {path: (tuple(x.shape), x.sharding) for path, x in _flat_paths(like).items()
+           if getattr(x, 'sharding', None) is not None}
+  some = next(iter(known.values()), (None, SingleDeviceSharding(jax.local_devices()[0])))[1]
+  if isinstance(some, NamedSharding):
+    fallback = NamedSharding(some.mesh, PartitionSpec())
+  else:
+    fallback = SingleDeviceSharding(jax.local_devices()[0])
+
+  def one(path, m):
+    hit = known.get(_path_key(path))
+    sharding = hit[1] if hit is not None and hit[0] == tuple(m.shape) else fallback
+    return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+  return jax.tree_util.tree_map_with_path(one, saved_tree)
+
+
+def _path_key(path) -> str:
+  return '/'.join(_leaf_key(k) for k in path)
+
+
+def _flat_paths(tree: PyTree) -> dict:
+  return {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _no_space(error: BaseException) -> bool:
@@ -230,7 +323,7 @@ class Checkpointer:
           int(step),
           args=ocp.args.Composite(
               state=ocp.args.StandardSave(state),
-              data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+              data=ProcessJsonSave(data_state if data_state is not None else {}),
               config=ocp.args.JsonSave(config_to_dict(config)),
               meta=ocp.args.JsonSave(meta)),
           force=True)
@@ -351,13 +444,12 @@ class Checkpointer:
                           f'checkpoint: {fields}. Nothing was changed; {hint}')
       try:
         if params_only:
-          abstract = jax.tree_util.tree_map(
-              lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved_tree)
+          abstract = abstract_with_sharding(saved_tree, target)
           restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+              state=ocp.args.StandardRestore(abstract), data=ProcessJsonRestore()))
         else:
           restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+              state=ocp.args.StandardRestore(target), data=ProcessJsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
         self._report_unreadable(step, e)
         unreadable.append((step, e))
@@ -403,9 +495,13 @@ class Checkpointer:
     dst = os.path.join(self.run_dir, CORRUPT_SUBDIR, f'{step}-{int(time.time())}')
     log.warning('moved unreadable checkpoint step %d to %s', step, dst)
     self._metrics.pop(step, None)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if os.path.exists(src):
-      shutil.move(src, dst)
+    if jax.process_index() == 0:  # one mover; the others see it after the barrier
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      if os.path.exists(src):
+        shutil.move(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'quarantined {step}')
     self.manager.reload()
 
 
@@ -455,7 +551,7 @@ def load_for_inference(run_dir: str, step: Optional[int] = None):
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f'no checkpoints in {run_dir!r}: missing {ckpt_dir!r}')
   manager = ocp.CheckpointManager(
-      ckpt_dir, item_names=ITEMS,
+      ckpt_dir, item_handlers=_handlers(),
       options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   available = sorted(manager.all_steps())
   if not available:
@@ -465,10 +561,15 @@ def load_for_inference(run_dir: str, step: Optional[int] = None):
                             f'steps: {available}')
   candidates = [int(step)] if step is not None else list(reversed(available))
   errors = []
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for s in candidates:
     try:
+      # Onto one device whatever mesh saved it (orbax needs the target sharding).
+      abstract = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+          manager.item_metadata(s)['state'].tree)
       restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(),
+          state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
       params = restored['state']['params']
       break

@@ -18,9 +18,13 @@ warmup^-1.5)`` (or linear warmup + cosine decay), clipping by global norm, optio
 decoupled weight decay (AdamW) on weight matrices only, and gradient accumulation
 with `optax.MultiSteps`.
 
-Parallelism (`make_step_fns`): ``parallel='jit'`` runs on one device;
-``parallel='pmap'`` replicates the state over all local devices, splits each batch
-``[batch, ...] -> [devices, batch/devices, ...]`` and reduces over the axis ``'batch'``.
+Parallelism (`make_step_fns`): ``parallel='mesh'`` jits one `train_step` over a named
+device mesh (`flaxformer_mini.sharding`): the state is created and kept sharded by its
+parameters' logical axes, batches are global ``jax.Array``s split by rows, and XLA
+inserts the collectives; the same code runs on one device or many processes.
+``parallel='jit'`` is the mesh of the first device alone. ``parallel='pmap'``
+replicates the state over all local devices, splits each batch ``[batch, ...] ->
+[devices, batch/devices, ...]`` and reduces over the axis ``'batch'``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array, bool], Tuple[jax.Array, Metrics]]
 AXIS = 'batch'
+PARALLEL = ('mesh', 'jit', 'pmap')
 
 
 # ----------------------------------------------------------------------------- state
@@ -264,7 +269,7 @@ def validate_config(config) -> None:
   check('eval.alpha', lambda x: finite(x) and x >= 0, 'a finite number >= 0')
   check('eval.max_decode_len', lambda x: is_int(x) and x >= 1, 'an integer >= 1')
   check('eval.decode_batch_size', lambda x: is_int(x) and x >= 1, 'an integer >= 1')
-  check('parallel', lambda x: x in ('jit', 'pmap'), "one of 'jit', 'pmap'")
+  check('parallel', lambda x: x in PARALLEL, f'one of {PARALLEL}')
   check('nonfinite', lambda x: x in ('stop', 'skip'), "one of 'stop', 'skip'")
   check('optimizer.schedule', lambda x: x in ('rsqrt', 'cosine', 'constant'),
         "one of 'rsqrt', 'cosine', 'constant'")
@@ -280,7 +285,7 @@ def validate_config(config) -> None:
 
 def chunked_loss(loss_fn: LossFn, params: PyTree, batch: Batch, rng: jax.Array,
                  chunks: int, deterministic: bool = False) -> Tuple[jax.Array, Metrics]:
-  """``loss_fn`` over ``chunks`` equal row slices of ``batch``, sums added up.
+  """``loss_fn`` over ``chunks`` strided row subsets of ``batch``, sums added up.
 
   The loss and metrics are sums, so the total (and its gradient) is the one of the
   whole batch; only dropout differs: chunk ``i`` draws with ``fold_in(rng, i)``.
@@ -305,7 +310,10 @@ def chunked_loss(loss_fn: LossFn, params: PyTree, batch: Batch, rng: jax.Array,
   size = next(iter(rows)) // chunks
   total = None
   for i in range(chunks):
-    part = jax.tree_util.tree_map(lambda x: x[i * size:(i + 1) * size], batch)
+    # Chunk i takes rows i, i + chunks, ...: on a row-sharded batch each device keeps
+    # its own rows (contiguous slices would move rows between devices).
+    part = jax.tree_util.tree_map(
+        lambda x: x.reshape((size, chunks) + x.shape[1:])[:, i], batch)
     out = loss_fn(params, part, jax.random.fold_in(rng, i), deterministic)
     total = out if total is None else jax.tree_util.tree_map(jnp.add, total, out)
   return total
@@ -369,11 +377,15 @@ def eval_step(params: PyTree, batch: Batch, *, loss_fn: LossFn,
 
 @dataclasses.dataclass(frozen=True)
 class StepFns:
-  """Compiled steps plus the host-side glue that differs between jit and pmap.
+  """Compiled steps plus the host-side glue that differs between mesh and pmap.
 
   train(state, batch) -> (state, metric sums); evaluate(params, batch) -> metric sums;
-  put_state(state) places a host state on the devices (replicates under pmap);
-  get_state(state) brings one copy back (unreplicated); put_batch shards a batch.
+  create_state(init_fn) runs ``init_fn() -> TrainState`` straight into the devices'
+  layout (sharded under a mesh: never whole on one device); put_state(state) places a
+  restored state; get_state(state) gives what a checkpoint saves (sharded jax.Arrays
+  under a mesh, one host copy under pmap); put_batch turns a host batch (the same
+  global batch on every process) into the devices' layout; abstract_state(init_fn)
+  is the ``jax.ShapeDtypeStruct`` tree, with shardings, a checkpoint restores into.
   Metric sums returned are global (already reduced over devices) scalars.
   """
   train: Callable
@@ -383,24 +395,32 @@ class StepFns:
   put_batch: Callable
   get_params: Callable
   num_devices: int
+  create_state: Callable = None
+  abstract_state: Callable = None
+  host_params: Callable = None
+  batch_parts: int = 1
+  mesh: Any = None
+  layout: str = ''
 
 
 def make_step_fns(loss_fn: LossFn, tx: optax.GradientTransformation, parallel: str = 'jit',
-                  batch_chunks: int = 1) -> StepFns:
-  """Compiles `train_step`/`eval_step` for ``parallel='jit'`` (one device) or 'pmap'.
+                  batch_chunks: int = 1, *, mesh_sizes: Optional[Mapping[str, int]] = None,
+                  rules: Optional[Mapping[str, str]] = None) -> StepFns:
+  """Compiles `train_step`/`eval_step` for ``parallel`` = 'mesh', 'jit' or 'pmap'.
 
-  ``batch_chunks`` goes to `train_step` (see `chunked_loss`).
+  Args:
+    loss_fn, tx: as in `train_step`.
+    parallel: 'mesh' (``mesh_sizes`` over all devices of all processes), 'jit' (the
+      first local device as a 1-device mesh) or 'pmap' (all local devices, replicated).
+    batch_chunks: goes to `train_step` (see `chunked_loss`).
+    mesh_sizes: ``{'data': -1, 'fsdp': 1, 'tensor': 1}`` (``config.mesh``; -1 = the rest).
+    rules: logical axis -> mesh axes (``config.mesh.rules``; default
+      `sharding.DEFAULT_RULES`).
   """
   if not isinstance(batch_chunks, int) or batch_chunks < 1:
     raise ValueError(f'batch_chunks={batch_chunks!r} must be an integer >= 1')
-  if parallel == 'jit':
-    train = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx,
-                                      batch_chunks=batch_chunks), donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, loss_fn=loss_fn))
-    ident = lambda x: x
-    return StepFns(train=train, evaluate=evaluate, put_state=jax.device_put,
-                   get_state=jax.device_get, put_batch=ident, get_params=lambda s: s.params,
-                   num_devices=1)
+  if parallel in ('mesh', 'jit'):
+    return _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules)
   if parallel == 'pmap':
     n = jax.local_device_count()
     ptrain = jax.pmap(functools.partial(train_step, loss_fn=loss_fn, tx=tx, axis_name=AXIS,
@@ -423,5 +443,75 @@ def make_step_fns(loss_fn: LossFn, tx: optax.GradientTransformation, parallel: s
     return StepFns(train=train, evaluate=evaluate, put_state=flax.jax_utils.replicate,
                    get_state=lambda s: jax.device_get(flax.jax_utils.unreplicate(s)),
                    put_batch=put_batch, get_params=lambda s: s.params,
-                   num_devices=n)
-  raise ValueError(f"parallel={parallel!r} is not one of ('jit', 'pmap')")
+                   num_devices=n, create_state=lambda f: flax.jax_utils.replicate(f()),
+                   abstract_state=lambda f: f(),
+                   host_params=lambda s: jax.device_get(flax.jax_utils.unreplicate(s.params)),
+                   batch_parts=n, layout=f'{n} replicas')
+  raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL}")
+
+
+def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> StepFns:
+  from flaxformer_mini import sharding
+  rules = sharding.parse_rules(sharding.DEFAULT_RULES if rules is None else rules)
+  if parallel == 'jit':
+    mesh = sharding.make_mesh({}, devices=jax.local_devices()[:1])
+  else:
+    mesh = sharding.make_mesh(dict(mesh_sizes or {'data': -1}))
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  cache: dict[str, Any] = {}
+
+  def shardings_of(state_like):
+    """State shardings, fixed by the first state (abstract or concrete) seen."""
+    if 'state' not in cache:
+      cache['state'] = sharding.state_shardings(state_like, mesh, rules)
+      cache['train'] = jax.jit(
+          functools.partial(train_step, loss_fn=loss_fn, tx=tx, batch_chunks=batch_chunks),
+          in_shardings=(cache['state'], batch_sh), out_shardings=(cache['state'], replicated),
+          donate_argnums=0)
+      cache['eval'] = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
+                              in_shardings=(cache['state'].params, batch_sh),
+                              out_shardings=replicated)
+    return cache['state']
+
+  def create_state(init_fn):
+    return jax.jit(init_fn, out_shardings=shardings_of(jax.eval_shape(init_fn)))()
+
+  def abstract_state(init_fn):
+    shapes = jax.eval_shape(init_fn)
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes, shardings_of(shapes))
+
+  def put_state(state):
+    return jax.device_put(state, shardings_of(state))
+
+  def put_batch(batch):
+    if jax.process_count() == 1:
+      return jax.device_put(dict(batch), batch_sh)
+    return {k: jax.make_array_from_callback(np.shape(v), batch_sh,
+                                            lambda idx, v=v: np.asarray(v)[idx])
+            for k, v in batch.items()}
+
+  def train(state, batch):
+    shardings_of(state)
+    return cache['train'](state, batch)
+
+  def evaluate(params, batch):
+    if 'eval' not in cache:
+      raise RuntimeError('evaluate needs the state layout: call create_state, put_state or '
+                         'train first')
+    return cache['eval'](params, batch)
+
+  def host_params(state):
+    if jax.process_count() == 1:
+      return state.params
+    # Host-side evaluation (BLEU decoding) reads results on every process: replicate.
+    return jax.device_put(state.params, replicated)
+
+  return StepFns(train=train, evaluate=evaluate, put_state=put_state,
+                 get_state=lambda s: s, put_batch=put_batch, get_params=lambda s: s.params,
+                 num_devices=mesh.size, create_state=create_state,
+                 abstract_state=abstract_state, host_params=host_params,
+                 batch_parts=sharding.batch_parts(mesh, rules), mesh=mesh,
+                 layout=' '.join(f'{k}={v}' for k, v in mesh.shape.items()))

@@ -290,7 +290,7 @@ def test_tokenizer_training_is_deterministic(runs):
 def test_one_vs_four_devices_same_loss_curve(runs):
   dirs, out = runs
   assert out['four_returncode'] == 0, out['four_output'][-3000:]
-  assert 'devices=4 (pmap)' in out['four_output']
+  assert 'devices=4 (pmap 4 replicas' in out['four_output']
   a = [m for m in _metrics(dirs['one']) if 'train/loss' in m]
   b = [m for m in _metrics(dirs['four']) if 'train/loss' in m]
   assert [m['step'] for m in a] == [m['step'] for m in b]
