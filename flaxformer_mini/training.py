@@ -385,7 +385,8 @@ class StepFns:
   restored state; get_state(state) gives what a checkpoint saves (sharded jax.Arrays
   under a mesh, one host copy under pmap); put_batch turns a host batch (the same
   global batch on every process) into the devices' layout; abstract_state(init_fn)
-  is the ``jax.ShapeDtypeStruct`` tree, with shardings, a checkpoint restores into.
+  is the ``jax.ShapeDtypeStruct`` tree, with shardings, a checkpoint restores into;
+  lower_train(state, batch) lowers the mesh train step (for HLO inspection).
   Metric sums returned are global (already reduced over devices) scalars.
   """
   train: Callable
@@ -398,6 +399,7 @@ class StepFns:
   create_state: Callable = None
   abstract_state: Callable = None
   host_params: Callable = None
+  lower_train: Callable = None
   batch_parts: int = 1
   mesh: Any = None
   layout: str = ''
@@ -513,5 +515,7 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
                  get_state=lambda s: s, put_batch=put_batch, get_params=lambda s: s.params,
                  num_devices=mesh.size, create_state=create_state,
                  abstract_state=abstract_state, host_params=host_params,
+                 lower_train=lambda state, batch: (shardings_of(state),
+                                                   cache['train'].lower(state, batch))[1],
                  batch_parts=sharding.batch_parts(mesh, rules), mesh=mesh,
                  layout=' '.join(f'{k}={v}' for k, v in mesh.shape.items()))
