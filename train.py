@@ -134,6 +134,31 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def train_iterator(task, config, fns):
+  """This process's train batches: its input shards' rows, or the whole global batch.
+
+  With ``config.data.input_shards = K > 1`` the global batch is K row blocks, block g
+  from input shard g; a process reads the shards of the rows its devices hold, so the
+  global batch is the same for any process count that divides K.
+  """
+  shards = config.data.get('input_shards', 1)
+  if shards == 1:
+    return task.train_iterator()
+  import inspect
+  if 'shard_count' not in inspect.signature(task.train_iterator).parameters:
+    raise ValueError(f'config.data.input_shards={shards}: task {task.name!r} reads no input '
+                     'shards (its train_iterator takes no shard_index/shard_count); use 1')
+  rows = config.batch_size // shards
+  lo, hi = fns.local_rows(config.batch_size)
+  if lo % rows or hi % rows:
+    raise ValueError(f'config.data.input_shards={shards}: this process holds rows [{lo}, '
+                     f'{hi}) of the {config.batch_size}-row batch, not whole {rows}-row '
+                     'shards; use a multiple of the process count')
+  from flaxformer_mini import data as data_lib
+  mine = range(lo // rows, hi // rows)
+  return data_lib.ConcatRows([task.train_iterator(g, shards) for g in mine], mine)
+
+
 def dev_metrics(task, fns, dstate) -> dict:
   from flaxformer_mini import training
   import jax
@@ -166,15 +191,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if not main_process:
     _sync('task files written')
   task = tasks.get_task(config, workdir)
-  train_iter = task.train_iterator()
-  if main_process:
-    task.eval_batches()
-    _sync('task files written')
   mesh = config.get('mesh', {})
   fns = training.make_step_fns(
       task.loss_and_metrics, tx, config.parallel, config.batch_chunks,
       mesh_sizes={k: mesh[k] for k in ('data', 'fsdp', 'tensor') if k in mesh},
       rules=dict(mesh['rules']) if 'rules' in mesh else None)
+  train_iter = train_iterator(task, config, fns)
+  if main_process:
+    task.eval_batches()
+    _sync('task files written')
   parts = fns.batch_parts
   if config.batch_size % parts or config.data.eval_batch_size % parts:
     raise ValueError(f'config.batch_size={config.batch_size} and config.data.eval_batch_size='
@@ -245,7 +270,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     while step < total and stop.signum is None:
       for _ in range(accum):
-        dstate, m = fns.train(dstate, fns.put_batch(next(train_iter)))
+        dstate, m = fns.train(dstate, fns.put_batch(next(train_iter), config.batch_size))
         check_finite(pending)  # the previous step is done by now: no pipeline stall
         pending = (step + 1, m)
         sums = m if sums is None else jax.tree_util.tree_map(jnp.add, sums, m)

@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.pack = True
   c.data.overlong = 'truncate'        # or 'drop'
   c.data.eval_batch_size = 64
+  c.data.input_shards = 1             # the global batch is this many row blocks, each from
+                                      # its own slice of the data; a process reads only its
+                                      # blocks (a multiple of the process count; 1 = every
+                                      # process builds the whole batch and keeps its rows)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.schedule = 'rsqrt'      # 'rsqrt' (paper) | 'cosine' | 'constant'

@@ -25,6 +25,7 @@ summed over tokens/examples and a metrics dict of sums containing ``'weight'``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
@@ -64,7 +65,11 @@ class Task(Protocol):
     """(loss sum, metric sums incl. 'weight'); pure and jittable."""
 
   def train_iterator(self) -> Iterator[Batch]:
-    """Infinite iterator of train batches with ``get_state()`` (JSON) / ``set_state()``."""
+    """Infinite iterator of train batches with ``get_state()`` (JSON) / ``set_state()``.
+
+    A task may also take ``(shard_index, shard_count)`` and yield only that input
+    shard's ``batch_size / shard_count`` rows; then ``config.data.input_shards > 1``
+    lets each process of a multi-process run read only its own shards."""
 
   def eval_batches(self) -> Iterable[Batch]:
     """One pass over the dev set (a fresh iterable each call); batch rows fixed."""
@@ -226,8 +231,12 @@ class TranslationTask:
     """The eval split, tokenized once (``<workdir>/tokenized/`` cache)."""
     return self._tokenize(self.eval_source)
 
-  def train_iterator(self):
-    cfg = self._pipeline_config(self.config.batch_size, self.config.seed)
+  def train_iterator(self, shard_index: int = 0, shard_count: int = 1):
+    """Train batches; with ``shard_count > 1`` the ``batch_size / shard_count`` rows of
+    input shard ``shard_index`` (every shard_count-th example, shuffled on its own)."""
+    cfg = dataclasses.replace(
+        self._pipeline_config(self.config.batch_size // shard_count, self.config.seed),
+        shard_index=shard_index, shard_count=shard_count)
     ds = data_lib.make_dataset(self.train_tokens, self.tokenizer, cfg, src_key=self.src_key,
                                tgt_key=self.tgt_key, train=True, pack=self.config.data.pack)
     return iter(ds)

@@ -254,7 +254,8 @@ def validate_config(config) -> None:
   is_num = lambda x: isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
   finite = lambda x: is_num(x) and np.isfinite(x)
   for key in ('batch_size', 'num_train_steps', 'log_every', 'checkpoint_every', 'keep',
-              'batch_chunks', 'data.eval_batch_size', 'optimizer.accum_steps'):
+              'batch_chunks', 'data.eval_batch_size', 'data.input_shards',
+              'optimizer.accum_steps'):
     check(key, lambda x: is_int(x) and x >= 1, 'an integer >= 1')
   for key in ('eval_every', 'keep_best', 'seed', 'optimizer.warmup_steps', 'eval.bleu_every',
               'eval.bleu_examples', 'eval.num_samples'):
@@ -275,6 +276,9 @@ def validate_config(config) -> None:
         "one of 'rsqrt', 'cosine', 'constant'")
   if 'optimizer' in config and config.optimizer.get('schedule') == 'rsqrt':
     check('optimizer.warmup_steps', lambda x: x >= 1, 'an integer >= 1 for the rsqrt schedule')
+  if 'data' in config and config.batch_size % config.data.get('input_shards', 1):
+    raise ValueError(f'config.data.input_shards={config.data.input_shards} must divide '
+                     f'config.batch_size={config.batch_size}')
   if 'batch_chunks' in config and config.batch_size % config.batch_chunks:
     raise ValueError(f'batch_chunks={config.batch_chunks} must be >= 1 and divide '
                      f'batch_size={config.batch_size}')
@@ -387,6 +391,8 @@ class StepFns:
   global batch on every process) into the devices' layout; abstract_state(init_fn)
   is the ``jax.ShapeDtypeStruct`` tree, with shardings, a checkpoint restores into;
   lower_train(state, batch) lowers the mesh train step (for HLO inspection).
+  local_rows(rows) -> (lo, hi): the block of global batch rows this process's devices
+  hold; put_batch(batch, global_rows) then also accepts just those rows.
   Metric sums returned are global (already reduced over devices) scalars.
   """
   train: Callable
@@ -400,6 +406,7 @@ class StepFns:
   abstract_state: Callable = None
   host_params: Callable = None
   lower_train: Callable = None
+  local_rows: Callable = None
   batch_parts: int = 1
   mesh: Any = None
   layout: str = ''
@@ -431,7 +438,8 @@ def make_step_fns(loss_fn: LossFn, tx: optax.GradientTransformation, parallel: s
     peval = jax.pmap(functools.partial(eval_step, loss_fn=loss_fn, axis_name=AXIS),
                      axis_name=AXIS)
 
-    def put_batch(batch):
+    def put_batch(batch, global_rows=None):
+      del global_rows  # one process: the batch is global
       from flaxformer_mini.data import split_for_devices
       return split_for_devices(batch, n)
 
@@ -448,7 +456,7 @@ def make_step_fns(loss_fn: LossFn, tx: optax.GradientTransformation, parallel: s
                    num_devices=n, create_state=lambda f: flax.jax_utils.replicate(f()),
                    abstract_state=lambda f: f(),
                    host_params=lambda s: jax.device_get(flax.jax_utils.unreplicate(s.params)),
-                   batch_parts=n, layout=f'{n} replicas')
+                   batch_parts=n, layout=f'{n} replicas', local_rows=lambda rows: (0, rows))
   raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL}")
 
 
@@ -488,12 +496,28 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
   def put_state(state):
     return jax.device_put(state, shardings_of(state))
 
-  def put_batch(batch):
+  def put_batch(batch, global_rows=None):
+    rows = len(next(iter(batch.values())))
     if jax.process_count() == 1:
       return jax.device_put(dict(batch), batch_sh)
+    if global_rows is not None and rows != global_rows:  # this process's rows only
+      return {k: jax.make_array_from_process_local_data(
+          batch_sh, np.asarray(v), (global_rows,) + np.shape(v)[1:]) for k, v in batch.items()}
+    # The same global batch on every process: each device takes its rows.
     return {k: jax.make_array_from_callback(np.shape(v), batch_sh,
                                             lambda idx, v=v: np.asarray(v)[idx])
             for k, v in batch.items()}
+
+  def local_rows(rows):
+    spans = sorted({(s.start or 0, rows if s.stop is None else s.stop) for s in
+                    (i[0] for i in batch_sh.addressable_devices_indices_map((rows,)).values())})
+    lo, hi = spans[0][0], max(b for _, b in spans)
+    covered = lo
+    for a, b in spans:
+      if a > covered:
+        raise ValueError(f'this process holds rows {spans} of the batch, not one block')
+      covered = max(covered, b)
+    return lo, hi
 
   def train(state, batch):
     shardings_of(state)
@@ -515,6 +539,7 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
                  get_state=lambda s: s, put_batch=put_batch, get_params=lambda s: s.params,
                  num_devices=mesh.size, create_state=create_state,
                  abstract_state=abstract_state, host_params=host_params,
+                 local_rows=local_rows,
                  lower_train=lambda state, batch: (shardings_of(state),
                                                    cache['train'].lower(state, batch))[1],
                  batch_parts=sharding.batch_parts(mesh, rules), mesh=mesh,

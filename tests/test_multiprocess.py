@@ -2,7 +2,8 @@
 
 Each run is train.py on the smoke config over an fsdp=2 x tensor=2 mesh, started as
 subprocesses that meet through ``jax.distributed`` on a free localhost port (CPU
-collectives: gloo). Compared with one process holding all 4 devices: the same loss
+collectives: gloo), with the batch in 2 input shards (one read by each of 2 processes,
+both by a single process). Compared with one process holding all 4 devices: the same loss
 curve; a run whose processes are both SIGKILLed mid-run and restarted ends with the
 same params as an uninterrupted one; its checkpoint loads on one device and decodes.
 """
@@ -26,7 +27,8 @@ from flaxformer_mini import checkpoints, decode  # noqa: E402
 
 STEPS, EVERY = 24, 4
 OVERRIDES = {'num_train_steps': STEPS, 'checkpoint_every': EVERY, 'eval_every': 12,
-             'eval.final_bleu': False, 'mesh.data': 1, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+             'eval.final_bleu': False, 'mesh.data': 1, 'mesh.fsdp': 2, 'mesh.tensor': 2,
+             'data.input_shards': 2}
 
 
 def _free_port() -> int:
@@ -131,6 +133,9 @@ def test_only_process_0_writes_logs_but_every_process_its_data_state(runs):
   data_dir = os.path.join(dirs['two'], 'checkpoints', str(STEPS), 'data')
   assert {n for n in os.listdir(data_dir) if n.endswith('.json')} == {
       'process_0-of-2.json', 'process_1-of-2.json'}
+  for i in (0, 1):  # each process read only its own input shard
+    with open(os.path.join(data_dir, f'process_{i}-of-2.json')) as f:
+      assert json.load(f)['shards'] == [i]
 
 
 def test_both_processes_killed_and_restarted_end_like_an_uninterrupted_run(runs):

@@ -131,3 +131,43 @@ def test_mesh_checks_on_four_simulated_devices():
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
   assert ' passed' in proc.stdout and 'skipped' not in proc.stdout, proc.stdout[-2000:]
+
+
+class _Counter:
+  """A resumable iterator of [2, 1] batches holding its shard id and position."""
+
+  def __init__(self, shard):
+    self.shard, self.pos = shard, 0
+
+  def __next__(self):
+    self.pos += 1
+    return {'x': np.full((2, 1), 10 * self.shard + self.pos)}
+
+  def get_state(self):
+    return {'pos': self.pos}
+
+  def set_state(self, state):
+    self.pos = state['pos']
+
+
+def test_concat_rows_joins_shards_in_order_and_resumes_only_the_same_shards():
+  from flaxformer_mini.data import ConcatRows
+  it = ConcatRows([_Counter(2), _Counter(3)], [2, 3])
+  np.testing.assert_array_equal(next(it)['x'][:, 0], [21, 21, 31, 31])
+  state = it.get_state()
+  assert state == {'shards': [2, 3], 'states': [{'pos': 1}, {'pos': 1}]}
+  again = ConcatRows([_Counter(2), _Counter(3)], [2, 3])
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)['x'][:, 0], [22, 22, 32, 32])
+  with pytest.raises(ValueError, match=r'input shards \[2, 3\], this process reads \[0, 1\]'):
+    ConcatRows([_Counter(0), _Counter(1)], [0, 1]).set_state(state)
+
+
+def test_input_shards_must_divide_the_batch():
+  from configs import smoke
+  from flaxformer_mini import training
+  config = smoke.get_config()
+  config.data.input_shards = 3
+  with pytest.raises(ValueError, match=r'config.data.input_shards=3 must divide '
+                                       r'config.batch_size=16'):
+    training.validate_config(config)

@@ -2,6 +2,7 @@
 
 from flaxformer_mini.data.pipeline import (
     BATCH_KEYS,
+    ConcatRows,
     PipelineConfig,
     make_dataset,
     pad_example,

@@ -26,7 +26,8 @@ The pipeline is a grain `IterDataset`; `iter(ds)` is a `grain.DatasetIterator` w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -192,6 +193,36 @@ def split_for_devices(batch: Mapping[str, np.ndarray], num_devices: int) -> Batc
                        'the device count')
     out[key] = x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:])
   return out
+
+
+class ConcatRows:
+  """Batches of several shard iterators joined along rows (shard order), resumable.
+
+  A process that reads input shards ``g0 .. g1`` of a run's ``K`` gets its rows of the
+  global batch: the global batch is shard 0's rows, then shard 1's, ... whatever the
+  process count. ``get_state`` is ``{'shards': [g, ...], 'states': [...]}``.
+  """
+
+  def __init__(self, iterators: Sequence[Any], shards: Sequence[int]):
+    self.iterators, self.shards = list(iterators), [int(g) for g in shards]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    parts = [next(it) for it in self.iterators]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {'shards': self.shards, 'states': [it.get_state() for it in self.iterators]}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if list(state.get('shards', [])) != self.shards:
+      raise ValueError(f'the checkpoint\'s data state is for input shards '
+                       f'{state.get("shards")}, this process reads {self.shards}; resume '
+                       'with the same config.data.input_shards and process count')
+    for it, s in zip(self.iterators, state['states']):
+      it.set_state(s)
 
 
 # ----------------------------------------------------------------------------- pipeline
