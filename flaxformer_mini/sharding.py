@@ -37,8 +37,8 @@ BATCH = 'batch'
 # (regex on the '/'-joined parameter path, logical axes); the first match wins.
 PARAM_AXES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
     # attention: kernels [embed, heads, head_dim] in, [heads, head_dim, embed] out
-    (r'(^|/)(query|key|value|qkv)/kernel$', ('embed', 'heads', 'kv')),
-    (r'(^|/)(query|key|value|qkv)/bias$', ('heads', 'kv')),
+    (r'(^|/)(query|key|value|qkv|kv)/kernel$', ('embed', 'heads', 'kv')),
+    (r'(^|/)(query|key|value|qkv|kv)/bias$', ('heads', 'kv')),
     (r'(^|/)out/kernel$', ('heads', 'kv', 'embed')),
     # position-wise feed-forward
     (r'(^|/)wi(_0|_1)?/kernel$', ('embed', 'mlp')),
