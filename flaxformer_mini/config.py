@@ -17,6 +17,7 @@ _CHOICES = {
     "position_kind": ("sinusoidal", "learned", "rotary", "relative", "none"),
     "ffn_activation": ("relu", "gelu", "gelu_tanh", "silu"),
     "dropout_impl": ("hash", "threefry"),
+    "remat": ("none", "full", "dots"),
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -26,6 +27,13 @@ class TransformerConfig:
   """Hyper-parameters of a Transformer stack (encoder-decoder or decoder-only).
 
   The defaults are the base model of "Attention Is All You Need".
+
+  ``remat`` and ``scan_layers`` trade compute / layout for memory and compile time
+  without changing the function computed: ``remat="full"`` recomputes each layer in
+  the backward pass (``jax.checkpoint``, nothing saved), ``"dots"`` saves the matmul
+  outputs without batch dims and recomputes the rest; ``scan_layers`` runs each stack
+  as ``nn.scan`` over one layer, so params live under ``layers`` with a leading
+  [num_layers] axis (``models.stack_layers`` converts unscanned params).
   """
 
   vocab_size: int = 32000
@@ -62,6 +70,10 @@ class TransformerConfig:
   scale_tied_logits: bool = False              # T5: decoder output * d_model^-0.5 before tied logits
   attention_scale: Optional[float] = None      # default 1/sqrt(head_dim); T5 uses 1.0
   pad_id: int = 0
+  # Memory / compile-time knobs of the core Encoder/Decoder stacks (models.py):
+  remat: str = "none"                          # none | full (save nothing) | dots (save matmuls)
+  scan_layers: bool = False                    # nn.scan over one layer: params under `layers`
+                                               # with a leading [num_layers] axis
 
   def __post_init__(self):
     for key, allowed in _CHOICES.items():
@@ -79,6 +91,8 @@ class TransformerConfig:
         raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
     if self.embedding_init_std is not None and not self.embedding_init_std > 0:
       raise ValueError(f"embedding_init_std={self.embedding_init_std} must be > 0")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"scan_layers={self.scan_layers!r} must be a bool")
     if self.position_kind == "rotary" and self.head_size % 2:
       raise ValueError(f"position_kind='rotary' needs an even head_dim, got {self.head_size}")
 

@@ -116,9 +116,16 @@ class EncoderLayer(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Optional[Array] = None, bias: Optional[Array] = None, *,
+  def __call__(self, x: Array, mask: Optional[Array] = None, bias: Optional[Array] = None,
                positions: Optional[Array] = None, deterministic: bool = True) -> Array:
-    """x: [batch, length, d_model]; mask/bias broadcastable to [batch, heads, length, length]."""
+    """x: [batch, length, d_model]; mask/bias broadcastable to [batch, heads, length, length].
+
+    positions: [batch, length] (RoPE). Every argument may be positional: `remat_layer`
+    marks ``deterministic`` (argnum 5, ``self`` = 0) static for ``jax.checkpoint``.
+
+    Returns:
+      [batch, length, d_model].
+    """
     cfg = self.cfg
     attn = make_attention(cfg, "self_attention", rotary=cfg.position_kind == "rotary")
     x = _residual(
@@ -136,14 +143,20 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, encoded: Optional[Array] = None, self_mask: Optional[Array] = None,
-               cross_mask: Optional[Array] = None, self_bias: Optional[Array] = None, *,
+               cross_mask: Optional[Array] = None, self_bias: Optional[Array] = None,
                positions: Optional[Array] = None, deterministic: bool = True,
                decode: bool = False) -> Array:
     """x: [batch, tgt_len, d_model]; encoded: [batch, src_len, d_model].
 
     self_mask: [batch|1, 1, tgt_len, tgt_len] (causal & padding);
-    cross_mask: [batch, 1, tgt_len, src_len]. In ``decode`` mode tgt_len == 1
-    and the caches supply keys/values (``encoded`` may then be None).
+    cross_mask: [batch, 1, tgt_len, src_len]; self_bias: [1, heads, tgt_len, kv_len];
+    positions: [batch, tgt_len]. In ``decode`` mode tgt_len == 1 and the caches
+    supply keys/values (``encoded`` may then be None). Every argument may be
+    positional: `remat_layer` marks ``deterministic`` and ``decode`` (argnums 7, 8)
+    static.
+
+    Returns:
+      [batch, tgt_len, d_model].
     """
     cfg = self.cfg
     self_attn = make_attention(cfg, "self_attention", rotary=cfg.position_kind == "rotary")
@@ -157,3 +170,31 @@ class DecoderLayer(nn.Module):
                                   decode=decode), deterministic)
     ffn = FeedForward(cfg, name="ffn")
     return _residual(cfg, make_norm(cfg, "norm_ffn"), x, lambda h: ffn(h, deterministic), deterministic)
+
+
+# Remat (``cfg.remat``): which intermediates the backward pass keeps; the rest is
+# recomputed. "full" keeps only the layer inputs; "dots" also keeps matmul outputs
+# without batch dims (the Dense projections), so only cheap elementwise ops, norms
+# and the attention einsums are recomputed.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+# Argnums (``self`` = 0) of the Python-bool arguments: jax.checkpoint would trace them.
+_STATIC_ARGNUMS = {"EncoderLayer": (5,), "DecoderLayer": (7, 8)}
+
+
+def remat_layer(layer_cls: type, cfg: TransformerConfig, *, decode: bool = False,
+                prevent_cse: bool = True) -> type:
+  """``layer_cls`` (`EncoderLayer` / `DecoderLayer`), wrapped in ``nn.remat`` per ``cfg.remat``.
+
+  The wrapped class has the same parameter paths. Call it with every argument
+  positional (the bools must be static). Returns ``layer_cls`` itself for
+  ``remat="none"`` and for ``decode`` (incremental decoding runs no backward pass,
+  and the cache writes are simplest outside a checkpoint). ``prevent_cse=False`` is
+  the cheaper choice inside ``nn.scan``, where CSE cannot undo the remat.
+  """
+  if cfg.remat == "none" or decode:
+    return layer_cls
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=prevent_cse,
+                  static_argnums=_STATIC_ARGNUMS[layer_cls.__name__])

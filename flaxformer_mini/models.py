@@ -1,12 +1,20 @@
 """Stacks and whole models: `Encoder`, `Decoder`, `Transformer` (encoder-decoder), `DecoderOnlyLM`.
 
 Plus the glue that turns a model and its params into the
-``tokens_to_logits(ids, cache)`` callback that `flaxformer_mini.decoding` needs.
+``tokens_to_logits(ids, cache)`` callback that `flaxformer_mini.decoding` needs, and
+`stack_layers` / `unstack_layers` between the two parameter layouts of a stack:
+
+  unscanned (default)   ``encoder/layer_{i}/self_attention/query/kernel`` [d_model, heads, head_dim]
+  ``cfg.scan_layers``   ``encoder/layers/self_attention/query/kernel`` [num_layers, d_model, heads, head_dim]
+
+Under a scanned stack every leaf of a path with a ``layers`` component has a leading
+[num_layers] axis; its ``cache`` leaves stay batch-major (see `_run_layers`).
+``cfg.remat`` wraps each layer in ``nn.remat`` (not when decoding) without changing paths.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +23,8 @@ from flax import linen as nn
 
 from flaxformer_mini import attention as attn_lib
 from flaxformer_mini.config import TransformerConfig
-from flaxformer_mini.layers import DecoderLayer, EncoderLayer, InputEmbedding, make_norm
+from flaxformer_mini.layers import (DecoderLayer, EncoderLayer, InputEmbedding, make_norm,
+                                    remat_layer)
 from flaxformer_mini.positions import RelativePositionBias
 
 Array = jax.Array
@@ -68,8 +77,66 @@ def make_embedding(cfg: TransformerConfig, vocab_size: int, name: str) -> nn.Emb
                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
+# ---------------------------------------------------------------------------
+# The layer stack: a Python loop of ``layer_{i}`` modules, or one scanned ``layers``.
+# ---------------------------------------------------------------------------
+
+SCANNED_LAYERS = "layers"  # module name of a scanned stack; its leaves lead with [num_layers]
+
+
+def _run_layers(layer_cls: type, cfg: TransformerConfig, num_layers: int, x: Array,
+                args: Sequence[Any], static: Sequence[bool], *, decode: bool = False,
+                **layer_kwargs) -> Array:
+  """Applies ``num_layers`` layers ``layer_cls(cfg, **layer_kwargs)`` to ``x`` [batch, len, d_model].
+
+  Call from a compact method: the layers become children of the calling module.
+  ``args`` (arrays or None, the same for every layer) and ``static`` (the Python
+  bools ``deterministic`` [, ``decode``]) follow ``x`` positionally.
+
+  Unscanned: children ``layer_0`` .. ``layer_{n-1}``. With ``cfg.scan_layers``: one
+  child ``layers`` run by ``nn.scan``; every param (and ``intermediates``) leaf gets
+  a leading [num_layers] axis. Its ``cache`` is stored batch-major instead, since
+  `flaxformer_mini.decoding` reads every cache leaf with ndim >= 1 as [batch, ...]:
+  ``cached_key`` [batch, num_layers, kv_heads, max_len, head_dim] (likewise
+  ``cached_value`` and the cross ``cross_key``/``cross_value``) and one scalar
+  ``cache_index``; ``nn.map_variables`` converts to and from the [num_layers, ...]
+  layout the scan slices (a transpose of the cache per decode step).
+  """
+  if not cfg.scan_layers:
+    cls = remat_layer(layer_cls, cfg, decode=decode)
+    for i in range(num_layers):
+      x = cls(cfg, **layer_kwargs, name=f"layer_{i}")(x, *args, *static)
+    return x
+
+  cls = remat_layer(layer_cls, cfg, decode=decode, prevent_cse=False)
+
+  def body(layer, carry, *xs):
+    return layer(carry, *xs, *static), None
+
+  stack = nn.scan(body, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                  split_rngs={"params": True, "dropout": True},
+                  in_axes=(nn.broadcast,) * len(args), length=num_layers)
+  if decode:
+    def to_scan(variables):  # [batch, L, ...] -> [L, batch, ...]; scalar -> [L]
+      return jax.tree_util.tree_map(
+          lambda v: jnp.moveaxis(v, 1, 0) if v.ndim else jnp.broadcast_to(v, (num_layers,)),
+          variables)
+
+    # All layers step together, so their cache_index values are equal: keep one.
+    def from_scan(variables):  # [L, batch, ...] -> [batch, L, ...]; [L] -> scalar
+      return jax.tree_util.tree_map(
+          lambda v: jnp.moveaxis(v, 0, 1) if v.ndim > 1 else v[0], variables)
+
+    stack = nn.map_variables(stack, "cache", to_scan, from_scan, mutable=True)
+  x, _ = stack(cls(cfg, **layer_kwargs, name=SCANNED_LAYERS), x, *args)
+  return x
+
+
 class Encoder(nn.Module):
-  """Embedding + positions, ``num_encoder_layers`` x `EncoderLayer`, optional final norm."""
+  """Embedding + positions, ``num_encoder_layers`` x `EncoderLayer`, optional final norm.
+
+  The layers are ``layer_{i}``, or one scanned ``layers`` with ``cfg.scan_layers``.
+  """
 
   cfg: TransformerConfig
   embed: nn.Module
@@ -96,9 +163,8 @@ class Encoder(nn.Module):
       bias = RelativePositionBias(cfg.num_heads, True, cfg.relative_num_buckets,
                                   cfg.relative_max_distance, cfg.param_dtype,
                                   name="relative_bias")(positions, positions)
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f"layer_{i}")(x, mask, bias, positions=positions,
-                                               deterministic=deterministic)
+    x = _run_layers(EncoderLayer, cfg, cfg.num_encoder_layers, x, (mask, bias, positions),
+                    (deterministic,))
     if cfg.use_final_norm:
       x = make_norm(cfg, "final_norm")(x)
     return x
@@ -107,7 +173,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """Embedding + positions, ``num_decoder_layers`` x `DecoderLayer`, final norm, logits.
 
-  ``cross=False`` drops cross-attention (decoder-only language model).
+  ``cross=False`` drops cross-attention (decoder-only language model). The layers are
+  ``layer_{i}``, or one scanned ``layers`` with ``cfg.scan_layers``.
   """
 
   cfg: TransformerConfig
@@ -133,7 +200,9 @@ class Decoder(nn.Module):
       decode: incremental decoding. The first call with the full-length
         ``decoder_inputs`` (and ``encoded``, ``encoder_valid``) creates the
         ``cache`` collection; each later call takes ``[batch, 1]`` ids and
-        reads everything else from the cache.
+        reads everything else from the cache. Per layer ``cached_key`` is
+        [batch, kv_heads, max_len, head_dim]; scanned, ``layers/.../cached_key`` is
+        [batch, num_layers, kv_heads, max_len, head_dim] (layer axis second).
 
     Returns:
       [batch, tgt_len, out_vocab_size] float32 logits.
@@ -155,8 +224,10 @@ class Decoder(nn.Module):
       if self.cross:
         valid = self.variable("cache", "encoder_valid", lambda: None).value
         cross_mask = valid[:, None, None, :]
-      # cached_key: [batch, kv_heads, max_decode_len, head_dim]
-      max_len = self.variables["cache"]["layer_0"]["self_attention"]["cached_key"].shape[2]
+      # cached_key: [batch, kv_heads, max_decode_len, head_dim], or
+      # [batch, num_layers, kv_heads, max_decode_len, head_dim] when scanned
+      layer = SCANNED_LAYERS if cfg.scan_layers else "layer_0"
+      max_len = self.variables["cache"][layer]["self_attention"]["cached_key"].shape[-2]
       k_positions = jnp.arange(max_len, dtype=jnp.int32)[None, :]
     else:
       positions = _default_positions(decoder_inputs, positions)
@@ -184,10 +255,9 @@ class Decoder(nn.Module):
                                        name="relative_bias")(positions, k_positions)
     x = InputEmbedding(cfg, self.embed, name="input_embedding")(
         decoder_inputs, positions, deterministic=deterministic)
-    for i in range(cfg.num_decoder_layers):
-      x = DecoderLayer(cfg, cross=self.cross, name=f"layer_{i}")(
-          x, encoded, self_mask, cross_mask, self_bias, positions=positions,
-          deterministic=deterministic, decode=decode)
+    x = _run_layers(DecoderLayer, cfg, cfg.num_decoder_layers, x,
+                    (encoded, self_mask, cross_mask, self_bias, positions),
+                    (deterministic, decode), decode=decode, cross=self.cross)
     if cfg.use_final_norm:
       x = make_norm(cfg, "final_norm")(x)
     if cfg.tie_output:
@@ -287,6 +357,61 @@ class DecoderOnlyLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------
+# Converting params between the unscanned (layer_{i}) and scanned (layers) layouts.
+# ---------------------------------------------------------------------------
+
+_STACKS = (("encoder", "num_encoder_layers"), ("decoder", "num_decoder_layers"))
+
+
+def stack_layers(params: Mapping[str, Any], cfg: TransformerConfig) -> dict:
+  """Params of an unscanned `Transformer` / `DecoderOnlyLM` -> those of ``scan_layers=True``.
+
+  ``{encoder,decoder}/layer_{i}/...`` leaves of shape S become one
+  ``{encoder,decoder}/layers/...`` leaf of shape [num_layers, *S] (row i = layer i);
+  everything else is passed through. Also fits a tree of the same structure
+  (e.g. optimizer moments). ``params`` is the ``params`` collection, not
+  ``{"params": ...}``.
+  """
+  out = dict(params)
+  for stack, num_key in _STACKS:
+    if stack not in out:
+      continue
+    sub, n = dict(out[stack]), getattr(cfg, num_key)
+    names = [f"layer_{i}" for i in range(n)]
+    missing = [k for k in names if k not in sub]
+    if missing or SCANNED_LAYERS in sub:
+      raise ValueError(f"stack_layers: {stack} needs unscanned layer_0..layer_{n - 1} "
+                       f"({num_key}={n}); missing {missing}, has {sorted(sub)}")
+    layers = [sub.pop(k) for k in names]
+    extra = sorted(k for k in sub if k.startswith("layer_"))
+    if extra:
+      raise ValueError(f"stack_layers: {stack} has more layers than {num_key}={n}: {extra}")
+    sub[SCANNED_LAYERS] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+    out[stack] = sub
+  return out
+
+
+def unstack_layers(params: Mapping[str, Any], cfg: TransformerConfig) -> dict:
+  """Inverse of `stack_layers`: ``{encoder,decoder}/layers/...`` [num_layers, *S] -> ``layer_{i}``."""
+  out = dict(params)
+  for stack, num_key in _STACKS:
+    if stack not in out:
+      continue
+    sub, n = dict(out[stack]), getattr(cfg, num_key)
+    if SCANNED_LAYERS not in sub:
+      raise ValueError(f"unstack_layers: {stack} has no scanned '{SCANNED_LAYERS}', has {sorted(sub)}")
+    layers = sub.pop(SCANNED_LAYERS)
+    bad = [x.shape for x in jax.tree_util.tree_leaves(layers) if not x.shape or x.shape[0] != n]
+    if bad:
+      raise ValueError(f"unstack_layers: {stack}/{SCANNED_LAYERS} leaves must lead with "
+                       f"{num_key}={n}, got shapes {bad[:3]}")
+    for i in range(n):
+      sub[f"layer_{i}"] = jax.tree_util.tree_map(lambda x: x[i], layers)
+    out[stack] = sub
+  return out
+
+
+# ---------------------------------------------------------------------------
 # Glue for flaxformer_mini.decoding: (model, params) -> tokens_to_logits, cache.
 # ---------------------------------------------------------------------------
 
@@ -298,10 +423,16 @@ STATIC_CACHE_KEYS = ("cross_key", "cross_value", "encoder_valid")
 
 
 def _grow_self_attention_cache(cache: dict, length: int) -> dict:
-  """Zero-pads ``cached_key``/``cached_value`` [batch, heads, len, head_dim] to ``length``."""
+  """Zero-pads ``cached_key``/``cached_value`` to ``length`` along their length axis.
+
+  That axis is the second to last both unscanned ([batch, heads, len, head_dim]) and
+  scanned ([batch, num_layers, heads, len, head_dim]).
+  """
   def grow(path, x):
     if getattr(path[-1], "key", None) in ("cached_key", "cached_value"):
-      return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+      pad = [(0, 0)] * x.ndim
+      pad[-2] = (0, length - x.shape[-2])
+      return jnp.pad(x, pad)
     return x
   return jax.tree_util.tree_map_with_path(grow, cache)
 
@@ -317,7 +448,9 @@ def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
   Returns:
     (tokens_to_logits, cache): ``tokens_to_logits(ids [batch, 1], cache) ->
     (logits [batch, vocab] float32, cache)``; cache leaves are
-    [batch, ...] except the scalar step indices.
+    [batch, ...] except the scalar step indices, scanned or not (a scanned stack
+    puts its layer axis second, e.g. ``cached_key`` [batch, num_layers, kv_heads,
+    max_decode_len, head_dim]).
   """
   if max_decode_len > model.cfg.max_len:
     raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={model.cfg.max_len}")
