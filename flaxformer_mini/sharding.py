@@ -22,6 +22,8 @@ with, so a state is never materialised whole on one device.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from typing import Any, Mapping, Optional, Sequence
@@ -68,6 +70,13 @@ DEFAULT_RULES: dict[str, str] = {
     'vocab': 'tensor', 'kv': '', 'norm': '', 'position': '', 'token_type': '', 'buckets': '',
     'classes': '', 'patch': '', 'layers': '', 'length': '',
 }
+
+# Activations between layers: rows split like the batch, features whole (after the
+# tensor-parallel all-reduce); logits split over the vocabulary like the output weights.
+ACTIVATION = ('batch', 'length', None)
+LOGITS = ('batch', 'length', 'vocab')
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar('flaxformer_mini_mesh', default=None)
 
 
 def path_str(path) -> str:
@@ -201,6 +210,43 @@ def state_shardings(state: PyTree, mesh: Mesh, rules: Mapping[str, tuple[str, ..
       params=jax.tree_util.tree_map_with_path(
           lambda p, x: by_path[tuple(path_str(p).split('/'))][1], state.params),
       opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state))
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]):
+  """While tracing inside this context, `constrain` pins activations to ``mesh``."""
+  token = _ACTIVE.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+  """``x`` with a sharding constraint from logical ``axes`` (one per dimension).
+
+  A no-op outside `activation_sharding` (plain ``jit``, ``pmap``, decoding) and on a
+  1-device mesh. Without it XLA may choose, e.g. under fsdp, to gather the batch and
+  split the features of the [batch, length, vocab] logits instead, which multiplies
+  the step's temporaries. A dimension that does not divide its mesh axes is left whole.
+  """
+  active = _ACTIVE.get()
+  if active is None or len(axes) != x.ndim:
+    return x
+  mesh, rules = active
+  if mesh.size == 1:
+    return x
+  entries = []
+  for name, size in zip(axes, x.shape):
+    mesh_axes = tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1) if name else ()
+    if not mesh_axes or size % math.prod(mesh.shape[a] for a in mesh_axes):
+      entries.append(None)
+    else:
+      entries.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*entries)))
 
 
 # ----------------------------------------------------------------------------- meshes

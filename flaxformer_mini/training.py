@@ -471,15 +471,24 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   cache: dict[str, Any] = {}
 
+  def in_mesh(fn):
+    """``fn`` traced with `sharding.constrain` active (the models' activation constraints)."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with sharding.activation_sharding(mesh, rules):
+        return fn(*args)
+    return wrapped
+
   def shardings_of(state_like):
     """State shardings, fixed by the first state (abstract or concrete) seen."""
     if 'state' not in cache:
       cache['state'] = sharding.state_shardings(state_like, mesh, rules)
       cache['train'] = jax.jit(
-          functools.partial(train_step, loss_fn=loss_fn, tx=tx, batch_chunks=batch_chunks),
+          in_mesh(functools.partial(train_step, loss_fn=loss_fn, tx=tx,
+                                    batch_chunks=batch_chunks)),
           in_shardings=(cache['state'], batch_sh), out_shardings=(cache['state'], replicated),
           donate_argnums=0)
-      cache['eval'] = jax.jit(functools.partial(eval_step, loss_fn=loss_fn),
+      cache['eval'] = jax.jit(in_mesh(functools.partial(eval_step, loss_fn=loss_fn)),
                               in_shardings=(cache['state'].params, batch_sh),
                               out_shardings=replicated)
     return cache['state']
