@@ -24,8 +24,6 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import functools  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -107,9 +105,11 @@ def main():
     want = formula_bytes(abstract.params, mesh, rules, copies=3)  # params + mu + nu
     batch_sh = sharding.batch_sharding(mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step = jax.jit(functools.partial(training.train_step, loss_fn=loss_fn, tx=tx),
-                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                   donate_argnums=0)
+    def train_step(state, batch, mesh=mesh):
+      with sharding.activation_sharding(mesh, rules):  # as training.make_step_fns does
+        return training.train_step(state, batch, loss_fn=loss_fn, tx=tx)
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated), donate_argnums=0)
     mem = step.lower(state, jax.device_put(batch, batch_sh)).compile().memory_analysis()
     name = ' x '.join(f'{k}={v}' for k, v in layout.items())
     print(f'| {n} | {name} | {got_p / MiB:.2f} | {got_o / MiB:.2f} | {want / MiB:.2f} | '

@@ -51,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_encoder_layers=3, num_decoder_layers=3,
       dropout_rate=0.1, attention_dropout_rate=0.0, dropout_impl='hash', max_len=128,
       norm_placement='pre', share_embeddings=True, tie_output=True,
-      dtype='float32'))
+      dtype='float32',
+      remat='none',                   # 'full' | 'dots': recompute layer activations backward
+      scan_layers=False))             # one nn.scan per stack: params [num_layers, ...]
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'embedded'          # 'embedded' (package sample) | 'shared' (../shared/data)

@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
       attention_dropout_rate=0.0, max_len=128, norm_placement='pre', norm_kind='rmsnorm',
       norm_eps=1e-5, final_norm=True, position_kind='rotary', rotary_base=10000.0,
       ffn_activation='silu', ffn_gated=True, use_bias=False, tie_output=True,
-      scale_embeddings=False, embedding_init_std=0.02, dtype='float32'))
+      scale_embeddings=False, embedding_init_std=0.02, dtype='float32',
+      remat='none', scan_layers=False))
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = os.path.join(common.REPO_ROOT, '..', 'shared', 'data', 'lm',

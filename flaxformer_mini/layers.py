@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxformer_mini import positions as positions_lib
+from flaxformer_mini import sharding
 from flaxformer_mini.attention import MultiHeadAttention
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.dropout import Dropout
@@ -106,8 +107,11 @@ def _residual(cfg: TransformerConfig, norm: nn.Module, x: Array,
   """One sublayer with residual, dropout and norm in post- or pre-LN order."""
   drop = Dropout(cfg.dropout_rate, cfg.dropout_impl)
   if cfg.norm_placement == "pre":
-    return x + drop(sublayer(norm(x)), deterministic=deterministic)
-  return norm(x + drop(sublayer(x), deterministic=deterministic))
+    out = x + drop(sublayer(norm(x)), deterministic=deterministic)
+  else:
+    out = norm(x + drop(sublayer(x), deterministic=deterministic))
+  # Under a device mesh: rows split like the batch, features whole (sharding.constrain).
+  return sharding.constrain(out, sharding.ACTIVATION)
 
 
 class EncoderLayer(nn.Module):

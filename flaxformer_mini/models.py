@@ -22,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from flaxformer_mini import attention as attn_lib
+from flaxformer_mini import sharding
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.layers import (DecoderLayer, EncoderLayer, InputEmbedding, make_norm,
                                     remat_layer)
@@ -267,7 +268,7 @@ class Decoder(nn.Module):
     else:
       logits = nn.Dense(cfg.out_vocab_size, use_bias=cfg.use_bias, dtype=cfg.dtype,
                         param_dtype=cfg.param_dtype, name="logits")(x)
-    return logits.astype(jnp.float32)
+    return sharding.constrain(logits.astype(jnp.float32), sharding.LOGITS)
 
 
 class Transformer(nn.Module):
