@@ -4,6 +4,10 @@
     python train.py --config=configs/translate_pt_en.py --workdir=runs/pt_en
     python train.py --config=configs/smoke.py --config.batch_size=8 --workdir=/tmp/smoke
 
+Several processes (hosts) form one device mesh through jax.distributed:
+    python train.py --config=... --coordinator_address=host0:1234 --num_processes=N --process_id=i
+(README.md "Scaling across devices and processes").
+
 Rerunning the same command resumes from the newest readable checkpoint in --workdir
 (params, optimizer, step, RNG and the data-iterator position). SIGTERM or Ctrl-C stops
 after the current step and saves a checkpoint; a second Ctrl-C aborts at once. What
