@@ -96,10 +96,10 @@ def check_token_ids(ids, vocab_size: int, what: str = "ids") -> None:
   if bad.any():
     where = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(f"{what}[{', '.join(map(str, where))}] = {int(values[where])} is not a "
-                     f"token id of this model (ids must be in [0, vocab_size={vocab_size}))")
+                     f"token id of this model: ids must be in [0, vocab_size={vocab_size})")
 
 
-def _host_ids(ids) -> Optional[np.ndarray]:
+def host_ids(ids) -> Optional[np.ndarray]:
   """ids as a NumPy array, or None when they are traced (inside someone's ``jit``)."""
   try:
     return np.asarray(ids)
@@ -177,7 +177,7 @@ def _token_by_token(tokens_to_logits, init_cache, choose, *, batch_size,
   _check_positive_int("max_decode_len", max_decode_len)
   _check_cache(init_cache, batch_size)
   prompt, prompt_length = _prepare_prompt(prompt, batch_size, max_decode_len, pad_id)
-  prompt_host = None if prompt is None else _host_ids(prompt)
+  prompt_host = None if prompt is None else host_ids(prompt)
   banned = _banned_ids(pad_id, bos_id, eos_id, allow_bos)
 
   def cond(state):
@@ -391,7 +391,7 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
   _check_finite("alpha", alpha)
   _check_cache(init_cache, batch_size)
   prompt, prompt_length = _prepare_prompt(prompt, batch_size, max_decode_len, pad_id)
-  prompt_host = None if prompt is None else _host_ids(prompt)
+  prompt_host = None if prompt is None else host_ids(prompt)
   banned = _banned_ids(pad_id, bos_id, eos_id, allow_bos)
   b, k, max_len = batch_size, beam_size, max_decode_len
   max_generated = max_len - prompt_length  # [batch]
@@ -495,7 +495,7 @@ def score_sequences(tokens_to_logits: TokensToLogits, init_cache: PyTree,
     raise ValueError(f"expected sequences [batch, seq_len], got shape {sequences.shape}")
   batch = sequences.shape[0]
   _check_cache(init_cache, batch)
-  sequences_host = _host_ids(sequences)
+  sequences_host = host_ids(sequences)
   inputs = jnp.concatenate([jnp.full((batch, 1), bos_id, jnp.int32), sequences[:, :-1]], 1)
 
   def step(cache, ids_and_targets):

@@ -18,10 +18,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from flaxformer_mini import attention as attn_lib
+from flaxformer_mini import decoding
 from flaxformer_mini import sharding
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.layers import (DecoderLayer, EncoderLayer, InputEmbedding, make_norm,
@@ -46,15 +46,9 @@ def _check_ids(cfg: TransformerConfig, ids: Array, what: str,
     raise ValueError(f"{what} length {ids.shape[1]} exceeds max_len={cfg.max_len}")
   if vocab_size is None or ids.size == 0:
     return
-  try:
-    values = np.asarray(ids)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return
-  bad = (values < 0) | (values >= vocab_size)
-  if bad.any():
-    row, col = map(int, np.argwhere(bad)[0])
-    raise ValueError(f"{what}[{row}, {col}] = {int(values[row, col])} is not a token id of "
-                     f"this model: ids must be in [0, vocab_size={vocab_size})")
+  values = decoding.host_ids(ids)
+  if values is not None:
+    decoding.check_token_ids(values, vocab_size, what)
 
 
 def _default_positions(ids: Array, positions: Optional[Array]) -> Array:
