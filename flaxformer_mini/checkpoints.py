@@ -53,6 +53,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from flaxformer_mini.sharding import path_str
+
 PyTree = Any
 CHECKPOINT_SUBDIR = 'checkpoints'
 CORRUPT_SUBDIR = 'corrupt'
@@ -152,7 +154,8 @@ def abstract_with_sharding(saved_tree: PyTree, like: PyTree) -> PyTree:
   mesh onto these shardings (it refuses a multi-device checkpoint without them).
   """
   from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
-  known = {path: (tuple(x.shape), x.sharding) for path, x in _flat_paths(like).items()
+  known = {path_str(p): (tuple(x.shape), x.sharding)
+           for p, x in jax.tree_util.tree_flatten_with_path(like)[0]
            if getattr(x, 'sharding', None) is not None}
   some = next(iter(known.values()), (None, SingleDeviceSharding(jax.local_devices()[0])))[1]
   if isinstance(some, NamedSharding):
@@ -161,18 +164,10 @@ def abstract_with_sharding(saved_tree: PyTree, like: PyTree) -> PyTree:
     fallback = SingleDeviceSharding(jax.local_devices()[0])
 
   def one(path, m):
-    hit = known.get(_path_key(path))
+    hit = known.get(path_str(path))
     sharding = hit[1] if hit is not None and hit[0] == tuple(m.shape) else fallback
     return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
   return jax.tree_util.tree_map_with_path(one, saved_tree)
-
-
-def _path_key(path) -> str:
-  return '/'.join(_leaf_key(k) for k in path)
-
-
-def _flat_paths(tree: PyTree) -> dict:
-  return {_path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _no_space(error: BaseException) -> bool:
@@ -186,18 +181,10 @@ def _no_space(error: BaseException) -> bool:
   return False
 
 
-def _leaf_key(k) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def leaf_shapes(tree: PyTree) -> dict[str, tuple]:
   """{'opt_state/1/mu/decoder/...': shape} for every array leaf (orbax metadata too)."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(_leaf_key(k) for k in path): tuple(getattr(x, 'shape', np.shape(x)))
-          for path, x in flat}
+  return {path_str(path): tuple(getattr(x, 'shape', np.shape(x))) for path, x in flat}
 
 
 def first_difference(saved: dict[str, tuple], current: dict[str, tuple]) -> Optional[str]:

@@ -116,6 +116,12 @@ def param_axes(params: PyTree) -> PyTree:
       lambda p, x: logical_axes(path_str(p), len(np.shape(x))), params)
 
 
+def _split_axes(name: Optional[str], mesh: Mesh, rules: Mapping[str, tuple[str, ...]]
+                ) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) that logical axis ``name`` is split over."""
+  return tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1) if name else ()
+
+
 def parse_rules(rules: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
   """{'batch': 'data,fsdp'} -> {'batch': ('data', 'fsdp')}; checks the mesh axis names."""
   out = {}
@@ -146,7 +152,7 @@ def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
     if name not in rules:
       raise ValueError(f'{what}: logical axis {name!r} has no rule in config.mesh.rules '
                        f'(known: {sorted(rules)})')
-    mesh_axes = tuple(a for a in rules[name] if mesh.shape[a] > 1)
+    mesh_axes = _split_axes(name, mesh, rules)
     if not mesh_axes:
       entries.append(None)
       continue
@@ -241,7 +247,7 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     return x
   entries = []
   for name, size in zip(axes, x.shape):
-    mesh_axes = tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1) if name else ()
+    mesh_axes = _split_axes(name, mesh, rules)
     if not mesh_axes or size % math.prod(mesh.shape[a] for a in mesh_axes):
       entries.append(None)
     else:
@@ -295,7 +301,7 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None)
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> NamedSharding:
   """Rows of every batch array split over the ``batch`` rule's mesh axes."""
-  axes = tuple(a for a in rules.get(BATCH, ()) if mesh.shape[a] > 1)
+  axes = _split_axes(BATCH, mesh, rules)
   return NamedSharding(mesh, P(axes if axes else None))
 
 

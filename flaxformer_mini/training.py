@@ -454,10 +454,17 @@ def make_step_fns(loss_fn: LossFn, tx: optax.GradientTransformation, parallel: s
                    get_state=lambda s: jax.device_get(flax.jax_utils.unreplicate(s)),
                    put_batch=put_batch, get_params=lambda s: s.params,
                    num_devices=n, create_state=lambda f: flax.jax_utils.replicate(f()),
-                   abstract_state=lambda f: f(),
+                   abstract_state=_on_first_device,
                    host_params=lambda s: jax.device_get(flax.jax_utils.unreplicate(s.params)),
                    batch_parts=n, layout=f'{n} replicas', local_rows=lambda rows: (0, rows))
   raise ValueError(f"parallel={parallel!r} is not one of {PARALLEL}")
+
+
+def _on_first_device(init_fn) -> PyTree:
+  """``init_fn``'s state as shape structs on the first local device (a restore target)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                jax.eval_shape(init_fn))
 
 
 def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> StepFns:
@@ -494,7 +501,8 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
     return cache['state']
 
   def create_state(init_fn):
-    return jax.jit(init_fn, out_shardings=shardings_of(jax.eval_shape(init_fn)))()
+    state_sh = cache['state'] if 'state' in cache else shardings_of(jax.eval_shape(init_fn))
+    return jax.jit(init_fn, out_shardings=state_sh)()
 
   def abstract_state(init_fn):
     shapes = jax.eval_shape(init_fn)
@@ -506,10 +514,9 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
     return jax.device_put(state, shardings_of(state))
 
   def put_batch(batch, global_rows=None):
-    rows = len(next(iter(batch.values())))
     if jax.process_count() == 1:
       return jax.device_put(dict(batch), batch_sh)
-    if global_rows is not None and rows != global_rows:  # this process's rows only
+    if global_rows is not None and len(next(iter(batch.values()))) != global_rows:  # this process's rows only
       return {k: jax.make_array_from_process_local_data(
           batch_sh, np.asarray(v), (global_rows,) + np.shape(v)[1:]) for k, v in batch.items()}
     # The same global batch on every process: each device takes its rows.
@@ -538,6 +545,10 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
                          'train first')
     return cache['eval'](params, batch)
 
+  def lower_train(state, batch):
+    shardings_of(state)
+    return cache['train'].lower(state, batch)
+
   def host_params(state):
     if jax.process_count() == 1:
       return state.params
@@ -549,7 +560,6 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
                  num_devices=mesh.size, create_state=create_state,
                  abstract_state=abstract_state, host_params=host_params,
                  local_rows=local_rows,
-                 lower_train=lambda state, batch: (shardings_of(state),
-                                                   cache['train'].lower(state, batch))[1],
+                 lower_train=lower_train,
                  batch_parts=sharding.batch_parts(mesh, rules), mesh=mesh,
                  layout=' '.join(f'{k}={v}' for k, v in mesh.shape.items()))
