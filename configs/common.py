@@ -30,8 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64                   # rows per micro-batch (global; split across devices)
   c.num_train_steps = 1000            # optimizer updates (each = accum_steps micro-batches)
   c.batch_chunks = 1                  # loss over this many row chunks of a micro-batch in one
-                                      # step: same gradient; on CPU ~8-row chunks ran 6-16 %
-                                      # faster, but compiles longer (7->11 s, 16->103 s)
+                                      # step: same gradient; on CPU ~8-row chunks are faster
+                                      # but compile longer (benchmarks/README.md)
   c.log_every = 50                    # train metrics to tqdm / TensorBoard / metrics.jsonl
   c.eval_every = 500                  # dev loss/accuracy (and at the end); 0 = only at end
   c.checkpoint_every = 500            # also at the end and on SIGTERM/Ctrl-C

@@ -15,8 +15,8 @@ from configs import common
 def get_config():
   c = common.base_config()
   c.batch_size = 32
-  c.batch_chunks = 4                  # loss over 4 x 8 rows in one step: same gradient;
-                                      # 288 vs 324 ms/step, +4 s compile (interleaved A/B)
+  c.batch_chunks = 4                  # loss over 4 x 8 rows in one step: same gradient,
+                                      # a faster CPU step (benchmarks/README.md)
   c.num_train_steps = 600
   c.log_every = 10
   c.eval_every = 0                    # dev loss only at the end (it costs train time)

@@ -20,9 +20,9 @@ def get_config():
                  num_encoder_layers=3, num_decoder_layers=3, max_len=128,
                  dropout_rate=0.1)
   c.batch_size = 64
-  c.batch_chunks = 8                  # CPU: loss over 8 x 8 rows per step, same gradient;
-                                      # 2.51 vs 3.00 s/step, but compiles in 103 s instead
-                                      # of 16 s (interleaved A/B). Use 1 on accelerators.
+  c.batch_chunks = 8                  # CPU: loss over 8 x 8 rows per step, same gradient,
+                                      # faster step, longer compile (benchmarks/README.md).
+                                      # Use 1 on accelerators.
   c.num_train_steps = 4000            # the 60-minute budget stops it first (timeout -s TERM)
   c.log_every = 25
   c.eval_every = 250
