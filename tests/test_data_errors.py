@@ -10,7 +10,7 @@ import pytest
 
 from flaxformer_mini import data
 from flaxformer_mini.data import EOS_ID
-from flaxformer_mini.variants import lm_task
+from flaxformer_mini.tasks import lm as lm_task
 
 GOOD_ROWS = b'Open the file.\tAbra o arquivo.\tloui\nClose it.\tFeche-o.\tloui\n'
 # 300 rows: the deflate stream is long enough that cutting it in half loses whole lines.

@@ -4,7 +4,8 @@ import numpy as np
 
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data import BOS_ID, EOS_ID
-from flaxformer_mini.variants import llama, lm_task
+from flaxformer_mini.tasks import lm as lm_task
+from flaxformer_mini.variants import llama
 
 
 class _CharTokenizer:

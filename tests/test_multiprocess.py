@@ -23,7 +23,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from flaxformer_mini import checkpoints, decode  # noqa: E402
+from flaxformer_mini import checkpoints, translate  # noqa: E402
 
 STEPS, EVERY = 24, 4
 OVERRIDES = {'num_train_steps': STEPS, 'checkpoint_every': EVERY, 'eval_every': 12,
@@ -156,7 +156,7 @@ def test_a_multi_process_checkpoint_loads_on_one_device_and_decodes(runs, capsys
   _, params, _ = checkpoints.load_for_inference(dirs['killed'])
   leaf = jax.tree_util.tree_leaves(params)[0]
   assert len(leaf.sharding.device_set) == 1
-  assert decode.main(['--workdir', dirs['killed'], '--greedy', '--max_decode_len=8',
+  assert translate.main(['--workdir', dirs['killed'], '--greedy', '--max_decode_len=8',
                       'O gato dorme.', 'Bom dia.']) == 0
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 2

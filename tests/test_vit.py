@@ -142,7 +142,7 @@ def test_config_errors_name_the_value():
 
 def test_digits_split_deterministic_disjoint_stratified():
   pytest.importorskip("sklearn")
-  vit_task = pytest.importorskip("flaxformer_mini.variants.vit_task")
+  vit_task = pytest.importorskip("flaxformer_mini.tasks.vit_digits")
   a, b = vit_task.digits_split(0.2, seed=0), vit_task.digits_split(0.2, seed=0)
   for key in ("train_index", "test_index", "train_images", "test_labels"):
     np.testing.assert_array_equal(a[key], b[key])
@@ -159,7 +159,7 @@ def test_digits_split_deterministic_disjoint_stratified():
 
 def test_digits_batches_resume_exactly():
   pytest.importorskip("sklearn")
-  vit_task = pytest.importorskip("flaxformer_mini.variants.vit_task")
+  vit_task = pytest.importorskip("flaxformer_mini.tasks.vit_digits")
   s = vit_task.digits_split()
   make = lambda: iter(vit_task.train_dataset(s["train_images"], s["train_labels"],
                                              batch_size=16, seed=3, shift=1, fill=-1.0))

@@ -17,7 +17,7 @@ and ``weights`` [batch, seq_len] float32 (0 where the next token starts another 
 and on rows that only pad the last dev batch).
 
 `evaluate` greedy-decodes ``config.eval.prompts`` with the KV cache (`lm_decoding_fns` +
-`decoding.greedy_search`). Registered as ``lm`` (tasks.get_task imports this module).
+`decoding.greedy_search`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_mini import data as data_lib
-from flaxformer_mini import decoding, tasks, training
+from flaxformer_mini import decoding, training
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data import textfile
 from flaxformer_mini.models import DecoderOnlyLM, lm_decoding_fns
@@ -278,6 +278,3 @@ class LMTask:
     if not prompts:
       return {}, []
     return {}, [f"  {p!r} -> {c!r}" for p, c in zip(prompts, self.complete(params, prompts))]
-
-
-tasks.register_task("lm", LMTask)

@@ -1,13 +1,13 @@
-"""Translate with a trained run directory: `Translator` and the ``decode`` CLI.
+"""Translate with a trained run directory: `Translator` and the ``translate`` CLI.
 
-    python -m flaxformer_mini.decode --workdir=runs/smoke "Bom dia." "Obrigado."
-    python -m flaxformer_mini.decode --workdir=runs/smoke --greedy < dev.pt > dev.hyp
-    python -m flaxformer_mini.decode --workdir=runs/smoke --step=200 --beam=4 --alpha=0.6 \
+    python -m flaxformer_mini.translate --workdir=runs/smoke "Bom dia." "Obrigado."
+    python -m flaxformer_mini.translate --workdir=runs/smoke --greedy < dev.pt > dev.hyp
+    python -m flaxformer_mini.translate --workdir=runs/smoke --step=200 --beam=4 --alpha=0.6 \
         --input=dev.pt --output=dev.hyp --reference=dev.en
 
 From Python::
 
-    from flaxformer_mini.decode import SearchConfig, Translator
+    from flaxformer_mini.translate import SearchConfig, Translator
     translator = Translator.from_workdir('runs/smoke')          # newest checkpoint
     translator.translate(['Bom dia.'])                          # beam 4, alpha 0.6
     translator.translate(['Bom dia.'], SearchConfig('sample', temperature=0.7, top_p=0.9))
@@ -393,7 +393,7 @@ def _positive_int(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog='python -m flaxformer_mini.decode',
+      prog='python -m flaxformer_mini.translate',
       description='Translate with the latest (or --step) checkpoint of a training run. '
       'Input: --input FILE, else positional sentences, else stdin; one output line per '
       'input line (empty lines stay empty).')

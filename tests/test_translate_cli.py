@@ -1,7 +1,7 @@
-"""The decode entry point on a real (tiny) training run: CLI, Translator, errors.
+"""The translate entry point on a real (tiny) training run: CLI, Translator, errors.
 
 A module-scoped fixture runs ``train.py`` on configs/smoke.py for a few dozen steps;
-every test then decodes its checkpoints. Most CLI calls run ``decode.main`` in-process
+every test then decodes its checkpoints. Most CLI calls run ``translate.main`` in-process
 so that all tests share the compiled searches (one compile per search kind).
 """
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_mini import checkpoints, decode, decoding
+from flaxformer_mini import checkpoints, decoding, translate
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data import tokenizer as tok_lib
 from flaxformer_mini.models import Transformer, seq2seq_decoding_fns
@@ -53,12 +53,12 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def translator(run_dir):
-  return decode.Translator.from_workdir(run_dir)
+  return translate.Translator.from_workdir(run_dir)
 
 
 def cli(capsys, *args):
   """Runs the CLI in-process: (exit code, stdout, stderr)."""
-  code = decode.main(list(args))
+  code = translate.main(list(args))
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -96,7 +96,7 @@ def test_args_file_and_stdin_agree_and_keep_empty_lines(run_dir, tmp_path, capsy
 
 def test_python_dash_m_entry_point_reports_missing_run_dir(tmp_path):
   missing = str(tmp_path / 'nope')
-  proc = subprocess.run([sys.executable, '-m', 'flaxformer_mini.decode', f'--workdir={missing}',
+  proc = subprocess.run([sys.executable, '-m', 'flaxformer_mini.translate', f'--workdir={missing}',
                          'Olá.'], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1 and proc.stdout == ''
   assert 'run directory not found' in proc.stderr and missing in proc.stderr
@@ -135,7 +135,7 @@ def test_greedy_matches_decoding_greedy_search_called_directly(run_dir, translat
   [(idx, inputs)] = translator.batches(translator.encode(SOURCES))
   rows, length = inputs.shape
   assert idx != sorted(idx) and rows == 8 and length == max(4, 1 << (longest - 1).bit_length())
-  bucket_seqs, _ = translator.search_ids(inputs, decode.SearchConfig('greedy'))
+  bucket_seqs, _ = translator.search_ids(inputs, translate.SearchConfig('greedy'))
   bucket_logp = logprob(model, translator.params, jnp.asarray(inputs), bucket_seqs)
   np.testing.assert_array_equal(np.asarray(bucket_seqs)[:len(idx)], np.asarray(seqs)[idx])
   np.testing.assert_allclose(np.asarray(bucket_logp)[:len(idx)], np.asarray(logp)[idx],
@@ -148,8 +148,8 @@ def test_beam_runs_and_beats_greedy_under_score_sequences(run_dir, translator, c
   assert code == 0 and len(out.splitlines()) == len(SOURCES)
 
   [(idx, inputs)] = translator.batches(translator.encode(SOURCES))
-  beam_seqs, beam_scores = translator.search_ids(inputs, decode.SearchConfig('beam', 4, 0.6))
-  greedy_seqs, none = translator.search_ids(inputs, decode.SearchConfig('greedy'))
+  beam_seqs, beam_scores = translator.search_ids(inputs, translate.SearchConfig('beam', 4, 0.6))
+  greedy_seqs, none = translator.search_ids(inputs, translate.SearchConfig('greedy'))
   assert none is None
   n = len(idx)
   assert [out.splitlines()[i] for i in idx] == translator.tokenizer.decode(
@@ -179,26 +179,26 @@ def test_reference_prints_sacrebleu_bleu_and_chrf(run_dir, tmp_path, capsys):
 
 
 def test_one_compile_per_bucket_shape(translator):
-  greedy = decode.SearchConfig('greedy')
+  greedy = translate.SearchConfig('greedy')
   translator.translate(SOURCES, greedy)  # 5 rows -> bucket 8
-  before = decode.compiled_shapes()
+  before = translate.compiled_shapes()
   assert translator.translate(SOURCES[:3] + ['', 'Bom dia.', 'Boa noite.'], greedy)[3] == ''
-  assert decode.compiled_shapes() == before  # 5 rows again, same length bucket
+  assert translate.compiled_shapes() == before  # 5 rows again, same length bucket
 
 
 def test_search_flags_are_validated(run_dir, capsys):
   for args in (['--top_k=5'], ['--greedy', '--alpha=0.5'], ['--greedy', '--beam=2'],
                ['--sample', '--top_p=0']):
     with pytest.raises(SystemExit) as exit_info:
-      decode.main([f'--workdir={run_dir}', *args, 'Olá.'])
+      translate.main([f'--workdir={run_dir}', *args, 'Olá.'])
     assert exit_info.value.code == 2, args
   err = capsys.readouterr().err
   assert '--top_k only apply with --sample' in err and '--alpha only applies to beam' in err
 
 
 def test_sample_with_temperature_zero_is_greedy(translator):
-  assert (translator.translate(SOURCES, decode.SearchConfig('sample', temperature=0.0, seed=3))
-          == translator.translate(SOURCES, decode.SearchConfig('greedy')))
+  assert (translator.translate(SOURCES, translate.SearchConfig('sample', temperature=0.0, seed=3))
+          == translator.translate(SOURCES, translate.SearchConfig('greedy')))
 
 
 # ----------------------------------------------------------------------------- errors

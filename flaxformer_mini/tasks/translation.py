@@ -1,116 +1,28 @@
-"""Tasks: what to train (model, loss, data, evaluation) behind one small protocol.
+"""The ``translation`` task: a seq2seq `Transformer` on a TSV parallel corpus, dev BLEU.
 
-`train.py` and `flaxformer_mini.training` know nothing about translation; they ask the
-task named by ``config.task`` for everything model- or data-specific.
-
-Adding a task (e.g. ``lm`` or ``vit_digits``) in your own file::
-
-    # flaxformer_mini/lm_task.py
-    from flaxformer_mini import tasks
-
-    class LMTask:                      # implements tasks.Task
-      def __init__(self, config, workdir): ...
-      ...
-
-    tasks.register_task('lm', LMTask)  # factory(config, workdir) -> Task
-
-and set ``config.task = 'lm'`` in your config. `get_task` imports the module of a
-built-in task (`BUILTIN_TASK_MODULES`) on first use; your own task module just has to be
-imported before ``get_task`` runs.
-
-Batches are dicts of numpy arrays with a leading batch axis (any keys the task
-likes). ``loss_and_metrics`` returns SUMS (see `flaxformer_mini.training`): the loss
-summed over tokens/examples and a metrics dict of sums containing ``'weight'``.
+Data: the embedded pt-en sample or ``../shared/data/translate`` (``config.data.source``),
+built into a TFDS array_record dataset, a joint SentencePiece model, tokenized once and
+cached, then packed by the grain pipeline (`flaxformer_mini.data`). Evaluation decodes the
+dev sources with `flaxformer_mini.translate.Translator` (the same batched, bucketed
+search the CLI uses) and scores them with sacrebleu.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flaxformer_mini import data as data_lib
-from flaxformer_mini import decoding
 from flaxformer_mini import training
 from flaxformer_mini.config import TransformerConfig
-from flaxformer_mini.models import STATIC_CACHE_KEYS, Transformer, seq2seq_decoding_fns
-
-PyTree = Any
-Batch = dict[str, np.ndarray]
-
-
-class Task(Protocol):
-  """What `train.py` needs from a task. Built by ``factory(config, workdir)``.
-
-  Attributes:
-    name: registry name.
-    assets: {filename: path} of files a run needs at inference time, kept in the
-      run dir (e.g. the tokenizer); `checkpoints` records their sha256.
-  """
-  name: str
-  assets: dict[str, str]
-
-  def init_params(self, rng: jax.Array) -> PyTree:
-    """Fresh parameters (host or device arrays)."""
-
-  def loss_and_metrics(self, params: PyTree, batch: Batch, rng: jax.Array,
-                       deterministic: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss sum, metric sums incl. 'weight'); pure and jittable."""
-
-  def train_iterator(self) -> Iterator[Batch]:
-    """Infinite iterator of train batches with ``get_state()`` (JSON) / ``set_state()``.
-
-    A task may also take ``(shard_index, shard_count)`` and yield only that input
-    shard's ``batch_size / shard_count`` rows; then ``config.data.input_shards > 1``
-    lets each process of a multi-process run read only its own shards."""
-
-  def eval_batches(self) -> Iterable[Batch]:
-    """One pass over the dev set (a fresh iterable each call); batch rows fixed."""
-
-  def evaluate(self, params: PyTree) -> tuple[dict[str, float], list[str]]:
-    """Optional: task metrics (e.g. {'bleu': ..}) and printable samples. Return ({}, [])
-    when there is nothing beyond the loss."""
-
-
-TaskFactory = Callable[[Any, str], Task]
-_REGISTRY: dict[str, TaskFactory] = {}
-
-
-def register_task(name: str, factory: TaskFactory, *, overwrite: bool = False) -> None:
-  """Registers ``factory(config, workdir) -> Task`` under ``name``."""
-  if name in _REGISTRY and not overwrite and _REGISTRY[name] is not factory:
-    raise ValueError(f'task {name!r} is already registered ({_REGISTRY[name]}); '
-                     'pass overwrite=True to replace it')
-  _REGISTRY[name] = factory
-
-
-def registered_tasks() -> list[str]:
-  return sorted(_REGISTRY)
-
-
-# Built-in tasks defined outside this file, imported (and so registered) on first use.
-BUILTIN_TASK_MODULES = {
-    'lm': 'flaxformer_mini.variants.lm_task',
-    'vit_digits': 'flaxformer_mini.variants.vit_task',
-}
-
-
-def get_task(config, workdir: str) -> Task:
-  """Builds the task named ``config.task``."""
-  name = config.task
-  if name not in _REGISTRY and name in BUILTIN_TASK_MODULES:
-    importlib.import_module(BUILTIN_TASK_MODULES[name])
-  if name not in _REGISTRY:
-    known = sorted(set(registered_tasks()) | set(BUILTIN_TASK_MODULES))
-    raise ValueError(f'unknown task config.task={name!r}; known tasks: {known}')
-  return _REGISTRY[name](config, workdir)
+from flaxformer_mini.models import Transformer
+from flaxformer_mini.tasks.base import PyTree
+from flaxformer_mini.translate import SearchConfig, Translator
 
 
 # ----------------------------------------------------------------------------- translation
@@ -185,7 +97,6 @@ class TranslationTask:
       raise ValueError(f'data/eval lengths up to {longest} exceed model.max_len='
                        f'{self.model_config.max_len}')
     self.model = Transformer(self.model_config)
-    self._decode = jax.jit(self._decode_batch, static_argnames=('max_len',))
 
   # -- model and loss ------------------------------------------------------------------
 
@@ -248,41 +159,18 @@ class TranslationTask:
 
   # -- BLEU ----------------------------------------------------------------------------
 
-  def _decode_batch(self, params, inputs, *, max_len: int):
-    """inputs: [batch, src_len] -> [batch, max_len] ids (no BOS, EOS then PAD)."""
+  def translator(self, params: PyTree) -> Translator:
+    """A `Translator` of ``params`` with the run's tokenizer and ``config.eval`` sizes."""
     e = self.config.eval
-    t2l, cache = seq2seq_decoding_fns(self.model, params, inputs, max_len)
-    common = dict(batch_size=inputs.shape[0], max_decode_len=max_len,
-                  bos_id=data_lib.BOS_ID, eos_id=data_lib.EOS_ID, pad_id=data_lib.PAD_ID)
+    return Translator(self.model_config, params, self.tokenizer,
+                      max_decode_len=e.max_decode_len, batch_size=e.decode_batch_size)
+
+  def search_config(self) -> SearchConfig:
+    """``config.eval``'s search: beam ``beam_size`` with ``alpha``, greedy when 1."""
+    e = self.config.eval
     if e.beam_size > 1:
-      seqs, _ = decoding.beam_search(t2l, cache, static_cache_keys=STATIC_CACHE_KEYS,
-                                     beam_size=e.beam_size, alpha=e.alpha,
-                                     num_return=1, **common)
-      return seqs[:, 0]
-    return decoding.greedy_search(t2l, cache, **common)
-
-  def translate(self, params, sources: list[str]) -> list[str]:
-    """Detokenized translations of raw source sentences.
-
-    Sentences are sorted by length and padded to power-of-two lengths (<= model.max_len)
-    in fixed-size batches, so only a few shapes are ever compiled.
-    """
-    e = self.config.eval
-    bs, max_len = e.decode_batch_size, self.model_config.max_len
-    encoded = self.tokenizer.encode(sources)
-    order = np.argsort([len(x) for x in encoded], kind='stable')
-    out = [''] * len(sources)
-    for start in range(0, len(sources), bs):
-      idx = order[start:start + bs]
-      longest = max(1, max(len(encoded[i]) for i in idx))
-      length = min(max_len, 1 << (longest - 1).bit_length())
-      ids = np.zeros((bs, length), np.int32)
-      for row, i in enumerate(idx):
-        ids[row, :min(length, len(encoded[i]))] = encoded[i][:length]
-      seqs = self._decode(params, jnp.asarray(ids), max_len=e.max_decode_len)
-      for row, text in enumerate(self.tokenizer.decode(np.asarray(seqs))[:len(idx)]):
-        out[idx[row]] = text
-    return out
+      return SearchConfig('beam', beam_size=e.beam_size, alpha=e.alpha)
+    return SearchConfig('greedy')
 
   def evaluate(self, params) -> tuple[dict[str, float], list[str]]:
     """Dev BLEU (sacrebleu corpus BLEU on detokenized text) and sample translations."""
@@ -293,11 +181,9 @@ class TranslationTask:
     examples = data_lib.read_examples(self.eval_source, 0, n)
     sources = [data_lib.as_text(x[self.src_key]) for x in examples]
     refs = [data_lib.as_text(x[self.tgt_key]) for x in examples]
-    hyps = self.translate(params, sources)
+    hyps = self.translator(params).translate(sources, self.search_config())
     bleu = sacrebleu.corpus_bleu(hyps, [refs])
     samples = [f'  src: {s}\n  ref: {r}\n  hyp: {h}'
                for s, r, h in list(zip(sources, refs, hyps))[:e.num_samples]]
     return {'bleu': bleu.score, 'bleu_examples': float(n)}, samples
 
-
-register_task('translation', TranslationTask)

@@ -9,8 +9,6 @@ metrics: accuracy, via `training.cross_entropy_sums`.
 
 Batches: ``image`` [b, 8, 8, 1] float32, ``label`` [b] int32, ``weight`` [b] float32
 (0 on rows that only pad the last eval batch).
-
-Registered as ``vit_digits``; configs/vit_digits.py imports this module.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxformer_mini import tasks, training
+from flaxformer_mini import training
 from flaxformer_mini.variants.vit import ViT, ViTConfig
 
 Batch = Dict[str, np.ndarray]
@@ -163,6 +161,3 @@ class ViTDigitsTask:
                f"predicted {preds[i]}" for i in wrong[:self.config.eval.num_samples]]
     return {"test_accuracy": float(np.mean(preds == s["test_labels"])),
             "test_errors": float(len(wrong)), "test_examples": float(len(preds))}, samples
-
-
-tasks.register_task("vit_digits", ViTDigitsTask)

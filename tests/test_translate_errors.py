@@ -1,4 +1,4 @@
-"""Errors of the decode entry point that need no trained run: bad flags, bad input bytes,
+"""Errors of the translate entry point that need no trained run: bad flags, bad input bytes,
 an unwritable --output, out-of-range token ids.
 
 Every CLI test here replaces `Translator.from_workdir` with a function that fails the
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_mini import decode
+from flaxformer_mini import translate
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.models import Transformer
 
@@ -29,12 +29,12 @@ def no_loading(monkeypatch):
   """Fails the test if the CLI gets as far as loading a checkpoint."""
   def load(*args, **kwargs):
     raise AssertionError('the CLI loaded a checkpoint before reporting the error')
-  monkeypatch.setattr(decode.Translator, 'from_workdir', load)
+  monkeypatch.setattr(translate.Translator, 'from_workdir', load)
 
 
 def cli(capsys, *args):
   """Runs the CLI in-process: (exit code, stdout, stderr)."""
-  code = decode.main(list(args))
+  code = translate.main(list(args))
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -54,7 +54,7 @@ def cli(capsys, *args):
 def test_non_finite_or_out_of_range_options_exit_2_naming_the_option(
     args, option, tmp_path, capsys, no_loading):
   with pytest.raises(SystemExit) as exit_info:
-    decode.main([f'--workdir={tmp_path}', *args, 'Olá.'])
+    translate.main([f'--workdir={tmp_path}', *args, 'Olá.'])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   [line] = [l for l in err.splitlines() if 'error:' in l]  # one error line (after usage)
@@ -66,7 +66,7 @@ def test_non_finite_or_out_of_range_options_exit_2_naming_the_option(
     ('temperature', math.nan), ('top_p', math.nan)])
 def test_search_config_refuses_non_finite_floats(field, value):
   with pytest.raises(ValueError, match=f'{field}={value!r} must be a finite number'):
-    decode.SearchConfig(**{field: value})
+    translate.SearchConfig(**{field: value})
 
 
 # ----------------------------------------------------------------------- input bytes
@@ -75,7 +75,7 @@ def test_search_config_refuses_non_finite_floats(field, value):
 def test_non_utf8_stdin_names_stdin_and_the_line_without_traceback(tmp_path):
   # The real stdin (surrogateescape under a UTF-8 locale), so a subprocess.
   proc = subprocess.run(
-      [sys.executable, '-m', 'flaxformer_mini.decode', f'--workdir={tmp_path / "nope"}'],
+      [sys.executable, '-m', 'flaxformer_mini.translate', f'--workdir={tmp_path / "nope"}'],
       input=b'Bom dia.\nOl\xe1, tudo bem?\n', cwd=REPO, capture_output=True, timeout=120)
   err = proc.stderr.decode()
   assert proc.returncode == 1 and proc.stdout == b'', err
@@ -140,7 +140,7 @@ def tiny_translator():
                           dropout_rate=0.0)
   ids = jnp.ones((1, 4), jnp.int32)
   params = Transformer(cfg).init(jax.random.PRNGKey(0), ids, ids)['params']
-  return decode.Translator(cfg, params, _Vocab(), max_decode_len=4)
+  return translate.Translator(cfg, params, _Vocab(), max_decode_len=4)
 
 
 @pytest.mark.parametrize('bad, where', [(VOCAB, (1, 2)), (-1, (0, 0)), (VOCAB + 7, (1, 0))])
@@ -148,15 +148,15 @@ def test_search_ids_refuses_out_of_range_ids_before_the_jitted_search(
     tiny_translator, bad, where):
   inputs = np.array([[5, 6, 7, 0], [8, 9, 10, 0]], np.int32)
   inputs[where] = bad
-  before = decode.compiled_shapes()
+  before = translate.compiled_shapes()
   row, col = where
   with pytest.raises(ValueError, match=(rf'inputs\[{row}, {col}\] = {bad}'
                                         rf' is not a token id.*vocab_size={VOCAB}\)')):
-    tiny_translator.search_ids(inputs, decode.SearchConfig('greedy'))
-  assert decode.compiled_shapes() == before  # refused on the host, nothing traced
+    tiny_translator.search_ids(inputs, translate.SearchConfig('greedy'))
+  assert translate.compiled_shapes() == before  # refused on the host, nothing traced
 
 
 def test_search_ids_in_range_still_decodes(tiny_translator):
   inputs = np.array([[5, 6, 7, 0], [8, 9, VOCAB - 1, 0]], np.int32)
-  seqs, scores = tiny_translator.search_ids(inputs, decode.SearchConfig('beam', 2))
+  seqs, scores = tiny_translator.search_ids(inputs, translate.SearchConfig('beam', 2))
   assert seqs.shape == (2, 4) and np.isfinite(np.asarray(scores)).all()

@@ -1,0 +1,50 @@
+"""Training tasks and their registry.
+
+    translation  seq2seq Transformer on a parallel TSV corpus, dev BLEU   (translation.py)
+    lm           decoder-only LM on a plain-text corpus, dev perplexity    (lm.py)
+    vit_digits   ViT classifier on scikit-learn's 8x8 digits, accuracy     (vit_digits.py)
+
+Every task module imports only `flaxformer_mini.tasks.base`; this file imports them and
+lists them by name. Your own task, in your own file::
+
+    from flaxformer_mini import tasks
+
+    class MyTask:                                  # implements tasks.Task
+      def __init__(self, config, workdir): ...
+
+    tasks.register_task('my_task', MyTask)        # then config.task = 'my_task'
+"""
+
+from __future__ import annotations
+
+from flaxformer_mini.tasks.base import Batch, PyTree, Task, TaskFactory
+from flaxformer_mini.tasks.lm import LMTask
+from flaxformer_mini.tasks.translation import TranslationTask
+from flaxformer_mini.tasks.vit_digits import ViTDigitsTask
+
+BUILTIN_TASKS: dict[str, TaskFactory] = {
+    'translation': TranslationTask,
+    'lm': LMTask,
+    'vit_digits': ViTDigitsTask,
+}
+_REGISTRY: dict[str, TaskFactory] = dict(BUILTIN_TASKS)
+
+
+def register_task(name: str, factory: TaskFactory, *, overwrite: bool = False) -> None:
+  """Registers ``factory(config, workdir) -> Task`` under ``name``."""
+  if name in _REGISTRY and not overwrite and _REGISTRY[name] is not factory:
+    raise ValueError(f'task {name!r} is already registered ({_REGISTRY[name]}); '
+                     'pass overwrite=True to replace it')
+  _REGISTRY[name] = factory
+
+
+def registered_tasks() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def get_task(config, workdir: str) -> Task:
+  """Builds the task named ``config.task``."""
+  name = config.task
+  if name not in _REGISTRY:
+    raise ValueError(f'unknown task config.task={name!r}; known tasks: {registered_tasks()}')
+  return _REGISTRY[name](config, workdir)
