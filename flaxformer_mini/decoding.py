@@ -74,6 +74,8 @@ def length_penalty(length, alpha: float):
 
 
 def _check_positive_int(name: str, value) -> None:
+  if jax.export.is_symbolic_dim(value):
+    return  # a symbolic dimension of jax.export (>= 1 by construction)
   if not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
 
