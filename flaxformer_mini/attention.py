@@ -11,7 +11,7 @@ Masks are boolean, ``True`` where attention is allowed, and broadcastable to
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,68 @@ def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
   for m in masks[1:]:
     out = jnp.logical_and(out, m.astype(bool))
   return out
+
+
+def encoder_self_attention_mask(valid: Optional[Array] = None,
+                                segmentation: Optional[Array] = None) -> Array:
+  """Bidirectional self-attention mask of a (possibly packed) sequence.
+
+  Args:
+    valid: [batch, length] bool, the real (non-pad) tokens; used when not packed.
+    segmentation: [batch, length] int segment ids of packed examples (0 = padding);
+      when given, tokens attend only within their own segment and ``valid`` is ignored.
+
+  Returns:
+    [batch, 1, length, length] bool: ``[b, 0, i, j]`` is True where token i may read j.
+  """
+  if segmentation is not None:
+    return segment_mask(segmentation)
+  if valid is None:
+    raise ValueError("a self-attention mask needs valid [batch, length] or segmentation")
+  return padding_mask(valid)
+
+
+def decoder_self_attention_mask(valid: Optional[Array] = None,
+                                segmentation: Optional[Array] = None) -> Array:
+  """`encoder_self_attention_mask` AND causal: position i reads positions j <= i.
+
+  Args:
+    valid: [batch, tgt_len] bool, the real (non-pad) decoder inputs.
+    segmentation: [batch, tgt_len] int segment ids of packed examples (replaces ``valid``).
+
+  Returns:
+    [batch, 1, tgt_len, tgt_len] bool.
+  """
+  base = encoder_self_attention_mask(valid, segmentation)
+  return jnp.logical_and(causal_mask(base.shape[-1]), base)
+
+
+def cross_attention_mask(decoder_valid: Optional[Array], encoder_valid: Array, *,
+                         decoder_segmentation: Optional[Array] = None,
+                         encoder_segmentation: Optional[Array] = None) -> Array:
+  """Which source tokens each decoder position may read.
+
+  Args:
+    decoder_valid: [batch, tgt_len] bool real decoder inputs, or None when every query
+      is real (a decode step): the mask is then [batch, 1, 1, src_len].
+    encoder_valid: [batch, src_len] bool real source tokens.
+    decoder_segmentation / encoder_segmentation: [batch, tgt_len] / [batch, src_len]
+      segment ids of packed examples. Both given: target segment s reads only source
+      segment s. Only one given: its ``> 0`` replaces that side's validity (e.g. packed
+      targets of one source per row).
+
+  Returns:
+    [batch, 1, tgt_len, src_len] bool.
+  """
+  if decoder_segmentation is not None and encoder_segmentation is not None:
+    return segment_mask(decoder_segmentation, encoder_segmentation)
+  if encoder_segmentation is not None:
+    encoder_valid = encoder_segmentation > 0
+  if decoder_segmentation is not None:
+    decoder_valid = decoder_segmentation > 0
+  if decoder_valid is None:
+    return encoder_valid.astype(bool)[:, None, None, :]
+  return padding_mask(decoder_valid, encoder_valid)
 
 
 # ---------------------------------------------------------------------------
@@ -174,6 +236,44 @@ def dot_product_attention(
 
 
 # ---------------------------------------------------------------------------
+# Beam folding (pure functions).
+#
+# Beam search keeps the encoder K/V cache at [batch, ...] while the queries come as
+# [batch * beams, ...] (rows b*beams .. b*beams+beams-1 belong to batch row b): folding
+# the beams into the query length reads each row's K/V once per step.
+# ---------------------------------------------------------------------------
+
+
+def fold_beams_into_queries(query: Array, kv_rows: int) -> Tuple[Array, int]:
+  """[kv_rows * beams, q_len, heads, d] -> ([kv_rows, beams * q_len, heads, d], beams)."""
+  rows = query.shape[0]
+  if rows % kv_rows:
+    raise ValueError(f"cross-attention cache has {kv_rows} rows, which does not divide the "
+                     f"{rows} query rows (beams must be contiguous per batch row)")
+  group = rows // kv_rows
+  return query.reshape((kv_rows, group * query.shape[1]) + query.shape[2:]), group
+
+
+def unfold_beams(out: Array, weights: Array, rows: int) -> Tuple[Array, Array]:
+  """Inverse of `fold_beams_into_queries` on the attention output and weights.
+
+  Args:
+    out: [kv_rows, beams * q_len, heads, d].
+    weights: [kv_rows, heads, beams * q_len, kv_len].
+    rows: kv_rows * beams.
+
+  Returns:
+    (out [rows, q_len, heads, d], weights [rows, heads, q_len, kv_len]).
+  """
+  kv_rows = out.shape[0]
+  group = rows // kv_rows
+  out = out.reshape((rows, out.shape[1] // group) + out.shape[2:])
+  w = weights.reshape((kv_rows, weights.shape[1], group, -1, weights.shape[-1]))
+  weights = jnp.swapaxes(w, 1, 2).reshape((rows,) + w.shape[1:2] + w.shape[3:])
+  return out, weights
+
+
+# ---------------------------------------------------------------------------
 # Multi-head attention module.
 # ---------------------------------------------------------------------------
 
@@ -224,6 +324,11 @@ class MultiHeadAttention(nn.Module):
                return_weights: bool = False):
     """Attend from ``inputs_q`` to ``inputs_kv`` (itself when None).
 
+    The steps: project queries/keys/values (`_project_qkv`, or read the cached
+    cross-attention keys/values), rotate them (`_rotate`, RoPE only), write this step
+    into the self-attention cache (`_update_cache`, decode only), attend
+    (`_attend`, folding beams onto a smaller cross-attention cache), project out.
+
     Args:
       inputs_q: [batch, q_len, d_model].
       inputs_kv: [batch, kv_len, d_kv], or None for self-attention. In
@@ -237,72 +342,106 @@ class MultiHeadAttention(nn.Module):
       decode: incremental decoding with a key/value cache (collection
         ``cache``). The first call (under ``init`` or with a full-length
         input) creates the cache; later calls take one token, q_len == 1.
-      return_weights: also return [batch, heads, q_len, kv_len] weights; they
-        are also sown into ``intermediates/attention_weights``.
+      return_weights: also return the [batch, heads, q_len, kv_len] float32 weights.
+        They are sown into ``intermediates/attention_weights`` when this is set or
+        the ``intermediates`` collection is mutable (``apply(..., mutable=
+        ["intermediates"])``); otherwise they are never materialised.
 
     Returns:
       [batch, q_len, out_features] (and the weights if ``return_weights``).
     """
     d_in = inputs_q.shape[-1]
-    if self.head_dim is None and d_in % self.num_heads:
-      raise ValueError(f"d_model={d_in} is not divisible by num_heads={self.num_heads}")
-    head_dim = self.head_dim or d_in // self.num_heads
-    kv_heads = self.num_kv_heads or self.num_heads
-    if self.num_heads % kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}")
-    self_attention = inputs_kv is None and not (decode and self.has_variable("cache", "cross_key"))
-    is_cross = not self_attention
+    head_dim, kv_heads = self._head_sizes(d_in)
+    cached_cross = decode and self.has_variable("cache", "cross_key")
+    is_cross = inputs_kv is not None or cached_cross
 
-    dense = lambda feats, name: nn.DenseGeneral(
-        features=feats, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
-
-    if is_cross and decode and self.has_variable("cache", "cross_key"):
-      # Cross-attention K/V were projected from the encoder output once.
-      query = dense((self.num_heads, head_dim), "query")(inputs_q)
+    if cached_cross:  # the encoder K/V were projected into the cache on the first call
+      query = self._dense((self.num_heads, head_dim), "query")(inputs_q)
       key = jnp.swapaxes(self.get_variable("cache", "cross_key"), 1, 2)
       value = jnp.swapaxes(self.get_variable("cache", "cross_value"), 1, 2)
     else:
-      kv_in = inputs_q if inputs_kv is None else inputs_kv
-      if self.fused_qkv and not is_cross:
-        qkv = dense((self.num_heads + 2 * kv_heads, head_dim), "qkv")(inputs_q)
-        query, key, value = jnp.split(qkv, [self.num_heads, self.num_heads + kv_heads], axis=-2)
-      else:
-        query = dense((self.num_heads, head_dim), "query")(inputs_q)
-        if self.fused_qkv:
-          kv = dense((2 * kv_heads, head_dim), "kv")(kv_in)
-          key, value = jnp.split(kv, 2, axis=-2)
-        else:
-          key = dense((kv_heads, head_dim), "key")(kv_in)
-          value = dense((kv_heads, head_dim), "value")(kv_in)
+      query, key, value = self._project_qkv(inputs_q, inputs_kv, head_dim, kv_heads)
       if is_cross and decode:  # stored [batch, kv_heads, src_len, head_dim], see _update_cache
         self.variable("cache", "cross_key", lambda: jnp.swapaxes(key, 1, 2))
         self.variable("cache", "cross_value", lambda: jnp.swapaxes(value, 1, 2))
-
     if self.rotary and not is_cross:
-      if decode and self.has_variable("cache", "cache_index") and positions is None:
-        positions = jnp.broadcast_to(self.get_variable("cache", "cache_index"),
-                                     inputs_q.shape[:2])
-      elif positions is None:
-        positions = jnp.broadcast_to(jnp.arange(inputs_q.shape[1]), inputs_q.shape[:2])
-      query = positions_lib.apply_rotary(query, positions, self.rotary_base)
-      key = positions_lib.apply_rotary(key, positions, self.rotary_base)
-
+      query, key = self._rotate(query, key, positions, decode)
     if decode and not is_cross:
       key, value, mask = self._update_cache(key, value, mask)
 
-    # Beam search keeps the encoder K/V cache at [batch, ...] while the queries come
-    # as [batch * beams, ...] (rows b*beams .. b*beams+beams-1 belong to batch row b):
-    # fold the beams into the query length so each row's K/V is read once per step.
-    rows, kv_rows = query.shape[0], key.shape[0]
-    group = 1
-    if is_cross and decode and rows != kv_rows:
-      if rows % kv_rows:
-        raise ValueError(f"cross-attention cache has {kv_rows} rows, which does not divide the "
-                         f"{rows} query rows (beams must be contiguous per batch row)")
-      group = rows // kv_rows
-      query = query.reshape((kv_rows, group * query.shape[1]) + query.shape[2:])
+    out, weights = self._attend(query, key, value, mask, bias, deterministic,
+                                fold_beams=is_cross and decode)
+    if return_weights or self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "attention_weights", weights)
+    out = nn.DenseGeneral(
+        features=self.out_features or d_in, axis=(-2, -1), use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+        name="out")(out)
+    return (out, weights) if return_weights else out
 
+  def _head_sizes(self, d_in: int) -> Tuple[int, int]:
+    """(head_dim, kv_heads), checked against the input width ``d_in``."""
+    if self.head_dim is None and d_in % self.num_heads:
+      raise ValueError(f"d_model={d_in} is not divisible by num_heads={self.num_heads}")
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}")
+    return self.head_dim or d_in // self.num_heads, kv_heads
+
+  def _dense(self, features: Tuple[int, int], name: str) -> nn.Module:
+    """A [d_in] -> [heads, head_dim] projection named ``name``."""
+    return nn.DenseGeneral(features=features, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
+                           param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
+
+  def _project_qkv(self, inputs_q: Array, inputs_kv: Optional[Array], head_dim: int,
+                   kv_heads: int) -> Tuple[Array, Array, Array]:
+    """Queries [batch, q_len, heads, head_dim], keys/values [batch, kv_len, kv_heads, head_dim].
+
+    Kernels ``query``/``key``/``value``; with ``fused_qkv`` one ``qkv`` kernel for
+    self-attention (``inputs_kv`` None) or ``query`` + ``kv`` for cross-attention.
+    """
+    heads = self.num_heads
+    if inputs_kv is None and self.fused_qkv:
+      qkv = self._dense((heads + 2 * kv_heads, head_dim), "qkv")(inputs_q)
+      return tuple(jnp.split(qkv, [heads, heads + kv_heads], axis=-2))
+    kv_in = inputs_q if inputs_kv is None else inputs_kv
+    query = self._dense((heads, head_dim), "query")(inputs_q)
+    if self.fused_qkv:
+      key, value = jnp.split(self._dense((2 * kv_heads, head_dim), "kv")(kv_in), 2, axis=-2)
+    else:
+      key = self._dense((kv_heads, head_dim), "key")(kv_in)
+      value = self._dense((kv_heads, head_dim), "value")(kv_in)
+    return query, key, value
+
+  def _rotate(self, query: Array, key: Array, positions: Optional[Array],
+              decode: bool) -> Tuple[Array, Array]:
+    """RoPE on query/key [batch, len, heads, head_dim] at ``positions`` [batch, len].
+
+    Default positions: the cache index on a decode step, else 0..len-1.
+    """
+    shape = query.shape[:2]
+    if positions is None:
+      if decode and self.has_variable("cache", "cache_index"):
+        positions = jnp.broadcast_to(self.get_variable("cache", "cache_index"), shape)
+      else:
+        positions = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    return (positions_lib.apply_rotary(query, positions, self.rotary_base),
+            positions_lib.apply_rotary(key, positions, self.rotary_base))
+
+  def _attend(self, query: Array, key: Array, value: Array, mask: Optional[Array],
+              bias: Optional[Array], deterministic: bool, *,
+              fold_beams: bool) -> Tuple[Array, Array]:
+    """`dot_product_attention` with this module's scale and dropout.
+
+    ``fold_beams``: a cross-attention cache of fewer rows than the queries serves
+    contiguous beams (`fold_beams_into_queries` / `unfold_beams`).
+
+    Returns:
+      (out [batch, q_len, heads, head_dim_v], weights [batch, heads, q_len, kv_len]).
+    """
+    rows, group = query.shape[0], 1
+    if fold_beams and rows != key.shape[0]:
+      query, group = fold_beams_into_queries(query, key.shape[0])
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng("dropout")
@@ -310,17 +449,9 @@ class MultiHeadAttention(nn.Module):
         query, key, value, mask, bias, scale=self.attention_scale,
         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
         deterministic=deterministic, return_weights=True, dropout_impl=self.dropout_impl)
-    if group > 1:  # unfold: [kv_rows, group*q, h, d] -> [rows, q, h, d]
-      out = out.reshape((rows, out.shape[1] // group) + out.shape[2:])
-      w = weights.reshape((kv_rows, weights.shape[1], group, -1, weights.shape[-1]))
-      weights = jnp.swapaxes(w, 1, 2).reshape((rows,) + w.shape[1:2] + w.shape[3:])
-    if return_weights:
-      self.sow("intermediates", "attention_weights", weights)
-    out = nn.DenseGeneral(
-        features=self.out_features or d_in, axis=(-2, -1), use_bias=self.use_bias,
-        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-        name="out")(out)
-    return (out, weights) if return_weights else out
+    if group > 1:
+      out, weights = unfold_beams(out, weights, rows)
+    return out, weights
 
   def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
     """Writes one step's key/value at ``cache_index``; returns the full cache.

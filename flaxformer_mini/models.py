@@ -149,10 +149,7 @@ class Encoder(nn.Module):
     positions = _default_positions(inputs, positions)
     x = InputEmbedding(cfg, self.embed, name="input_embedding")(
         inputs, positions, deterministic=deterministic)
-    if segmentation is not None:
-      mask = attn_lib.segment_mask(segmentation)
-    else:
-      mask = attn_lib.padding_mask(inputs != cfg.pad_id)
+    mask = attn_lib.encoder_self_attention_mask(inputs != cfg.pad_id, segmentation)
     bias = None
     if cfg.position_kind == "relative":
       bias = RelativePositionBias(cfg.num_heads, True, cfg.relative_num_buckets,
@@ -218,7 +215,7 @@ class Decoder(nn.Module):
       cross_mask = None
       if self.cross:
         valid = self.variable("cache", "encoder_valid", lambda: None).value
-        cross_mask = valid[:, None, None, :]
+        cross_mask = attn_lib.cross_attention_mask(None, valid)  # [batch, 1, 1, src_len]
       # cached_key: [batch, kv_heads, max_decode_len, head_dim], or
       # [batch, num_layers, kv_heads, max_decode_len, head_dim] when scanned
       layer = SCANNED_LAYERS if cfg.scan_layers else "layer_0"
@@ -230,19 +227,13 @@ class Decoder(nn.Module):
         self.variable("cache", "decode_index", lambda: jnp.array(0, jnp.int32))
         if self.cross:
           self.variable("cache", "encoder_valid", lambda: encoder_valid.astype(bool))
-      causal = attn_lib.causal_mask(decoder_inputs.shape[1])
-      if segmentation is not None:
-        self_mask = attn_lib.combine_masks(causal, attn_lib.segment_mask(segmentation))
-        if not self.cross:
-          cross_mask = None
-        elif encoder_segmentation is not None:
-          cross_mask = attn_lib.segment_mask(segmentation, encoder_segmentation)
-        else:  # only the target side is packed: one source per row
-          cross_mask = attn_lib.padding_mask(segmentation > 0, encoder_valid)
-      else:
-        valid = decoder_inputs != cfg.pad_id
-        self_mask = attn_lib.combine_masks(causal, attn_lib.padding_mask(valid))
-        cross_mask = attn_lib.padding_mask(valid, encoder_valid) if self.cross else None
+      valid = decoder_inputs != cfg.pad_id
+      self_mask = attn_lib.decoder_self_attention_mask(valid, segmentation)
+      cross_mask = None
+      if self.cross:
+        cross_mask = attn_lib.cross_attention_mask(
+            valid, encoder_valid, decoder_segmentation=segmentation,
+            encoder_segmentation=encoder_segmentation)
       k_positions = positions
     if cfg.position_kind == "relative":
       self_bias = RelativePositionBias(cfg.num_heads, False, cfg.relative_num_buckets,

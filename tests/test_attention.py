@@ -2,9 +2,11 @@
 
 * `dot_product_attention` against a float64 NumPy reference (GQA, q_len != kv_len,
   padding / causal masks, bias), fully-masked rows, bf16, returned weights, dropout.
-* The mask builders against boolean arrays written out by hand.
+* The mask builders against boolean arrays written out by hand; the model-level masks
+  (encoder, decoder, cross; padded and packed) against a NumPy loop over pairs.
 * `MultiHeadAttention` against `flax.linen.MultiHeadDotProductAttention` with the
-  same weights; fused q/k/v == unfused; the key/value cache == full causal attention.
+  same weights; fused q/k/v == unfused; the key/value cache == full causal attention;
+  weights sown into `intermediates` only when that collection is mutable.
 * Error messages that name the expected and the actual value.
 """
 
@@ -258,6 +260,69 @@ def test_combine_masks_exact():
 
 
 # ---------------------------------------------------------------------------
+# The model-level mask builders against a NumPy loop over (query, key) pairs.
+# ---------------------------------------------------------------------------
+
+
+def np_model_masks(tgt_valid, src_valid, tgt_seg=None, src_seg=None):
+  """(encoder self, decoder self, cross) masks, [batch, 1, q, k], one pair at a time.
+
+  Rules: a pair is allowed when both tokens are real (segment > 0 when packed), in the
+  same segment when both sides are packed, and (decoder self) key <= query.
+  """
+  b, t = tgt_valid.shape
+  s = src_valid.shape[1]
+  tgt_real = tgt_valid if tgt_seg is None else tgt_seg > 0
+  src_real = src_valid if src_seg is None else src_seg > 0
+  enc = np.zeros((b, 1, s, s), bool)
+  dec = np.zeros((b, 1, t, t), bool)
+  cross = np.zeros((b, 1, t, s), bool)
+  for r in range(b):
+    for i in range(s):
+      for j in range(s):
+        same = src_seg is None or src_seg[r, i] == src_seg[r, j]
+        enc[r, 0, i, j] = src_real[r, i] and src_real[r, j] and same
+    for i in range(t):
+      for j in range(t):
+        same = tgt_seg is None or tgt_seg[r, i] == tgt_seg[r, j]
+        dec[r, 0, i, j] = tgt_real[r, i] and tgt_real[r, j] and same and j <= i
+      for j in range(s):
+        same = tgt_seg is None or src_seg is None or tgt_seg[r, i] == src_seg[r, j]
+        cross[r, 0, i, j] = tgt_real[r, i] and src_real[r, j] and same
+  return enc, dec, cross
+
+
+@pytest.mark.parametrize("packed", ["none", "both", "targets"])
+def test_model_masks_match_numpy(packed):
+  tgt_valid = _valid([5, 3, 1], 5)
+  src_valid = _valid([6, 2, 4], 6)
+  tgt_seg = src_seg = None
+  if packed in ("both", "targets"):  # row 0: three examples; row 1: two; row 2: padding only
+    tgt_seg = np.array([[1, 1, 2, 3, 3], [1, 2, 2, 2, 0], [0, 0, 0, 0, 0]])
+  if packed == "both":
+    src_seg = np.array([[1, 2, 2, 3, 3, 0], [1, 1, 2, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+  enc, dec, cross = np_model_masks(tgt_valid, src_valid, tgt_seg, src_seg)
+  j = lambda a: None if a is None else jnp.asarray(a)
+  got_enc = attention.encoder_self_attention_mask(j(src_valid), j(src_seg))
+  got_dec = attention.decoder_self_attention_mask(j(tgt_valid), j(tgt_seg))
+  got_cross = attention.cross_attention_mask(j(tgt_valid), j(src_valid),
+                                             decoder_segmentation=j(tgt_seg),
+                                             encoder_segmentation=j(src_seg))
+  for name, got, want in [("encoder", got_enc, enc), ("decoder", got_dec, dec),
+                          ("cross", got_cross, cross)]:
+    assert got.dtype == jnp.bool_ and got.shape == want.shape, (name, got.shape)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+
+
+def test_cross_attention_mask_for_a_decode_step_reads_every_real_source_token():
+  src_valid = jnp.asarray(_valid([3, 1], 4))
+  got = attention.cross_attention_mask(None, src_valid)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(src_valid)[:, None, None, :])
+  with pytest.raises(ValueError, match="needs valid"):
+    attention.decoder_self_attention_mask(None, None)
+
+
+# ---------------------------------------------------------------------------
 # MultiHeadAttention.
 # ---------------------------------------------------------------------------
 
@@ -400,3 +465,28 @@ def test_error_mask_of_wrong_shape_names_expected_and_actual(rng):
                                     jnp.ones((2, 1, 5, 6), bool))
   with pytest.raises(ValueError, match="not a multiple"):
     attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k[:, :, :3]), jnp.asarray(v[:, :, :3]))
+
+
+# ---------------------------------------------------------------------------
+# Attention weights sown into ``intermediates`` only when asked for.
+# ---------------------------------------------------------------------------
+
+
+def test_weights_are_sown_only_when_intermediates_are_mutable(mha_data):
+  x, memory = mha_data
+  module = attention.MultiHeadAttention(num_heads=HEADS)
+  params = _randomize(jax.eval_shape(module.init, jax.random.key(0), x, memory)["params"], 7)
+  mask = attention.padding_mask(jnp.ones((2, 5), bool), jnp.asarray(_valid([6, 2], 6)))
+  plain = module.apply({"params": params}, x, memory, mask)
+  out, state = module.apply({"params": params}, x, memory, mask, mutable=["intermediates"])
+  (weights,) = state["intermediates"]["attention_weights"]
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+  _, ref_weights = module.apply({"params": params}, x, memory, mask, return_weights=True)
+  np.testing.assert_array_equal(np.asarray(weights), np.asarray(ref_weights))
+  assert weights.shape == (2, HEADS, 5, 6)
+  # Rows sum to 1 over the real keys (1e-6: float32 softmax), masked keys get exactly 0.
+  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6, rtol=0)
+  assert np.all(np.asarray(weights)[1, :, :, 2:] == 0.0)
+  # Without a mutable intermediates collection nothing is sown (no extra output).
+  _, state = module.apply({"params": params}, x, memory, mask, mutable=["cache"])
+  assert "intermediates" not in state
