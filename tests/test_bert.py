@@ -45,6 +45,7 @@ def minilm(minilm_dir):
   return cfg, params
 
 
+@pytest.mark.slow
 def test_minilm_hidden_states_and_pooler_match_hf(minilm_dir, minilm):
   cfg, params = minilm
   tok = transformers.BertTokenizerFast.from_pretrained(minilm_dir)
@@ -66,6 +67,7 @@ def test_minilm_hidden_states_and_pooler_match_hf(minilm_dir, minilm):
   assert pooled_diff <= 1e-4, pooled_diff
 
 
+@pytest.mark.slow
 def test_minilm_padding_does_not_change_real_tokens(minilm):
   """Each sentence alone == the same sentence inside a padded batch (non-pad positions)."""
   cfg, params = minilm
@@ -92,6 +94,7 @@ def _inputs():
   return ids, (ids != 0).astype(np.int64), np.array([[0, 0, 0, 1, 1, 0, 0], [0] * 4 + [1] * 3])
 
 
+@pytest.mark.slow
 def test_masked_lm_head_matches_hf():
   torch.manual_seed(0)
   hf_cfg = _tiny_hf_config()
@@ -108,6 +111,7 @@ def test_masked_lm_head_matches_hf():
   np.testing.assert_allclose(np.asarray(ours)[real], want[real], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sequence_classification_matches_hf():
   torch.manual_seed(1)
   hf_cfg = _tiny_hf_config(num_labels=3)

@@ -152,6 +152,7 @@ def test_keep_best_survives_restarts_and_never_ranks_nan(tmp_path):
     assert json.load(f)['metrics'] == {'dev/nll': 0.5}
 
 
+@pytest.mark.slow
 def test_every_evaluation_is_saved_when_keep_best(tmp_path):
   # eval_every=3 is not a multiple of checkpoint_every=4: step 3 must still be saved and ranked.
   workdir = str(tmp_path / 'run')
@@ -219,6 +220,7 @@ def _poison_after(monkeypatch, good_steps):
   monkeypatch.setattr(tasks, 'get_task', poisoned)
 
 
+@pytest.mark.slow
 def test_divergence_stops_naming_the_step_and_last_good_checkpoint(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   config = _smoke(checkpoint_every=2, num_train_steps=12)
@@ -274,6 +276,7 @@ def test_empty_workdir_is_refused(tmp_path, monkeypatch):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_config_file_missing_or_without_get_config(tmp_path):
   with pytest.raises(SystemExit, match=r"config file not found: '.*nope\.py'"):
     train._check_config_file(['train.py', f'--config={tmp_path}/nope.py'])
@@ -288,6 +291,7 @@ def test_config_file_missing_or_without_get_config(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith('train.py: error: config file not found')
 
 
+@pytest.mark.slow
 def test_refused_resume_keeps_config_json(tmp_path):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(_smoke(num_train_steps=2, checkpoint_every=2), workdir)

@@ -84,6 +84,7 @@ def test_exported_translate_equals_translator(export_dir, tiny_translator):
           == tiny_translator.translate(SENTENCES, translate.SearchConfig('greedy')))
 
 
+@pytest.mark.slow
 def test_export_runs_without_flaxformer_mini(export_dir, tiny_translator):
   script = os.path.join(export_dir, 'run_export.py')
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}

@@ -61,6 +61,7 @@ def _right_pad(rows, pad_id=0):
   return out
 
 
+@pytest.mark.slow
 @needs_hf
 def test_smollm2_config_is_the_published_architecture(smollm2):
   cfg = smollm2["cfg"]
@@ -73,6 +74,7 @@ def test_smollm2_config_is_the_published_architecture(smollm2):
   assert n == sum(p.numel() for p in smollm2["hf"].parameters())  # tied: counted once
 
 
+@pytest.mark.slow
 @needs_hf
 def test_smollm2_logits_match_hf(smollm2):
   import torch
@@ -92,6 +94,7 @@ def test_smollm2_logits_match_hf(smollm2):
   assert worst <= LOGIT_ATOL
 
 
+@pytest.mark.slow
 @needs_hf
 def test_smollm2_cached_greedy_equals_hf_generate(smollm2):
   import torch
@@ -147,6 +150,7 @@ def tiny_hf_llama():
   return model
 
 
+@pytest.mark.slow
 def test_tiny_untied_gqa_llama_matches_hf(tiny_hf_llama):
   import torch
   cfg, params = llama.load_hf_llama(tiny_hf_llama, tiny_hf_llama.config)
@@ -183,6 +187,7 @@ def test_importer_names_missing_unexpected_and_misshapen_tensors(tiny_hf_llama):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gpt_style_trains_and_cached_decoding_equals_full_pass():
   cfg = llama.gpt_config(vocab_size=32, d_model=32, num_layers=2, num_heads=4, max_len=24,
                          dropout_rate=0.0)

@@ -112,6 +112,7 @@ def _losses(workdir):
   return [(m['step'], m['train/loss']) for m in _metrics(workdir) if 'train/loss' in m]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_all_devices(runs):
   dirs, out = runs
   for name in ('one', 'two'):
@@ -123,6 +124,7 @@ def test_two_processes_train_like_one_process_with_all_devices(runs):
   np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_only_process_0_writes_logs_but_every_process_its_data_state(runs):
   dirs, out = runs
   _, logs = out['two']
@@ -138,6 +140,7 @@ def test_only_process_0_writes_logs_but_every_process_its_data_state(runs):
       assert json.load(f)['shards'] == [i]
 
 
+@pytest.mark.slow
 def test_both_processes_killed_and_restarted_end_like_an_uninterrupted_run(runs):
   dirs, out = runs
   assert out['killed_codes'] == [-signal.SIGKILL] * 2, out['killed_codes']
@@ -151,6 +154,7 @@ def test_both_processes_killed_and_restarted_end_like_an_uninterrupted_run(runs)
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_multi_process_checkpoint_loads_on_one_device_and_decodes(runs, capsys):
   dirs, _ = runs
   _, params, _ = checkpoints.load_for_inference(dirs['killed'])

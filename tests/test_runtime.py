@@ -81,6 +81,7 @@ print('huge_kib', kb(open('/proc/self/smaps_rollup').read()) - kb(before), flush
 @pytest.mark.skipif(runtime.huge_pages_env({}, runtime.thp_mode(), runtime.glibc_version())
                     is None or not os.path.exists("/proc/self/smaps_rollup"),
                     reason="needs Linux, glibc >= 2.35 and transparent huge pages in madvise mode")
+@pytest.mark.slow
 def test_reexec_puts_xla_buffers_on_huge_pages(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(CHILD)

@@ -121,6 +121,7 @@ def test_mesh_shape_errors_name_config_mesh(sizes, devices, message):
     sharding.mesh_shape(sizes, devices)
 
 
+@pytest.mark.slow
 def test_mesh_checks_on_four_simulated_devices():
   """tests/mesh_checks.py in a fresh process with 4 CPU devices (see its docstring)."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',

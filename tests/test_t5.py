@@ -78,6 +78,7 @@ def test_t5_small_config_is_t5_config():
       num_encoder_layers=3, max_len=128)
 
 
+@pytest.mark.slow
 def test_logits_match_hf(t5_pair):
   import torch
   _, hf, cfg, params = t5_pair
@@ -95,6 +96,7 @@ def test_logits_match_hf(t5_pair):
   assert diff <= 1e-4
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_full_pass_and_hf_generate(t5_pair):
   import torch
   _, hf, cfg, params = t5_pair

@@ -260,6 +260,7 @@ def runs(tmp_path_factory):
   return dirs, out
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_outputs_exist(runs):
   dirs, out = runs
   workdir, final = dirs['reference'], out['reference']
@@ -275,6 +276,7 @@ def test_loss_goes_down_and_outputs_exist(runs):
   assert 'decoder' in params and 'encoder' in params
 
 
+@pytest.mark.slow
 def test_tokenizer_training_is_deterministic(runs):
   # The .model files differ in trainer metadata (model_prefix is the run dir); the
   # pieces, which the resume test relies on, must not.
@@ -287,6 +289,7 @@ def test_tokenizer_training_is_deterministic(runs):
   assert all(p == pieces['reference'] for p in pieces.values())
 
 
+@pytest.mark.slow
 def test_one_vs_four_devices_same_loss_curve(runs):
   dirs, out = runs
   assert out['four_returncode'] == 0, out['four_output'][-3000:]
@@ -309,6 +312,7 @@ def test_one_vs_four_devices_same_loss_curve(runs):
     np.testing.assert_allclose(x, flat_four[path], atol=3e-3, err_msg=name)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(runs):
   dirs, out = runs
   total = smoke.get_config().num_train_steps
@@ -324,6 +328,7 @@ def test_sigkill_then_resume_matches_uninterrupted(runs):
   np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(runs, tmp_path, caplog):
   reference = runs[0]['reference']
   workdir = str(tmp_path / 'corrupt')
@@ -351,6 +356,7 @@ def test_corrupt_latest_checkpoint_falls_back(runs, tmp_path, caplog):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_load_for_inference_errors_name_what_is_missing(runs, tmp_path):
   reference = runs[0]['reference']
   with pytest.raises(FileNotFoundError, match='run directory not found'):
@@ -372,6 +378,7 @@ def test_batch_chunks_must_divide_the_batch(tmp_path):
   assert not os.listdir(tmp_path)  # refused before writing anything
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_a_clear_error(tmp_path):
   proc = _subprocess(str(tmp_path), {'optimizer.warmup_step': 3})
   out, _ = proc.communicate(timeout=120)

@@ -71,6 +71,7 @@ def write(path, lines):
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_args_file_and_stdin_agree_and_keep_empty_lines(run_dir, tmp_path, capsys, monkeypatch):
   # Seeded sampling, not greedy: the 40-step model sits near the unigram plateau, where
   # greedy may map every sentence to '' (EOS first) and make the comparisons vacuous.
@@ -94,6 +95,7 @@ def test_args_file_and_stdin_agree_and_keep_empty_lines(run_dir, tmp_path, capsy
   assert code == 0 and out.split('\n')[:-1] == by_file
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point_reports_missing_run_dir(tmp_path):
   missing = str(tmp_path / 'nope')
   proc = subprocess.run([sys.executable, '-m', 'flaxformer_mini.translate', f'--workdir={missing}',
@@ -120,6 +122,7 @@ def logprob(model, params, inputs, sequences):
                                   eos_id=tok_lib.EOS_ID, pad_id=tok_lib.PAD_ID)
 
 
+@pytest.mark.slow
 def test_greedy_matches_decoding_greedy_search_called_directly(run_dir, translator, capsys):
   code, out, _ = cli(capsys, f'--workdir={run_dir}', *GREEDY, *SOURCES)
   assert code == 0
@@ -143,6 +146,7 @@ def test_greedy_matches_decoding_greedy_search_called_directly(run_dir, translat
   assert len(set(np.round(np.asarray(logp), 3))) > 1  # the check above is not vacuous
 
 
+@pytest.mark.slow
 def test_beam_runs_and_beats_greedy_under_score_sequences(run_dir, translator, capsys):
   code, out, _ = cli(capsys, f'--workdir={run_dir}', '--beam=4', '--alpha=0.6', *SOURCES)
   assert code == 0 and len(out.splitlines()) == len(SOURCES)
@@ -162,6 +166,7 @@ def test_beam_runs_and_beats_greedy_under_score_sequences(run_dir, translator, c
   np.testing.assert_array_less(greedy_scores[:n] - 1e-4, np.asarray(beam_scores)[:n])
 
 
+@pytest.mark.slow
 def test_reference_prints_sacrebleu_bleu_and_chrf(run_dir, tmp_path, capsys):
   import sacrebleu
   out_path = tmp_path / 'hyp.txt'
@@ -178,6 +183,7 @@ def test_reference_prints_sacrebleu_bleu_and_chrf(run_dir, tmp_path, capsys):
   assert expected[0].startswith('BLEU|nrefs:1') and expected[1].startswith('chrF2|nrefs:1')
 
 
+@pytest.mark.slow
 def test_one_compile_per_bucket_shape(translator):
   greedy = translate.SearchConfig('greedy')
   translator.translate(SOURCES, greedy)  # 5 rows -> bucket 8
@@ -186,6 +192,7 @@ def test_one_compile_per_bucket_shape(translator):
   assert translate.compiled_shapes() == before  # 5 rows again, same length bucket
 
 
+@pytest.mark.slow
 def test_search_flags_are_validated(run_dir, capsys):
   for args in (['--top_k=5'], ['--greedy', '--alpha=0.5'], ['--greedy', '--beam=2'],
                ['--sample', '--top_p=0']):
@@ -196,6 +203,7 @@ def test_search_flags_are_validated(run_dir, capsys):
   assert '--top_k only apply with --sample' in err and '--alpha only applies to beam' in err
 
 
+@pytest.mark.slow
 def test_sample_with_temperature_zero_is_greedy(translator):
   assert (translator.translate(SOURCES, translate.SearchConfig('sample', temperature=0.0, seed=3))
           == translator.translate(SOURCES, translate.SearchConfig('greedy')))
@@ -210,11 +218,13 @@ def test_no_checkpoint_names_the_dir_and_what_was_expected(tmp_path, capsys):
   assert str(tmp_path) in err and "missing '" in err and 'checkpoints' in err
 
 
+@pytest.mark.slow
 def test_unknown_step_lists_the_available_ones(run_dir, capsys):
   code, _, err = cli(capsys, f'--workdir={run_dir}', '--step=7', 'Olá.')
   assert code == 1 and 'step 7 not found' in err and '[20, 40]' in err
 
 
+@pytest.mark.slow
 def test_named_step_loads(run_dir, capsys):
   code, out, _ = cli(capsys, f'--workdir={run_dir}', '--step=20', *GREEDY, *SOURCES, '')
   assert code == 0 and out.count('\n') == len(SOURCES) + 1
@@ -234,6 +244,7 @@ def _edit_json(path, edit):
     json.dump(value, f)
 
 
+@pytest.mark.slow
 def test_param_tree_vs_config_mismatch_names_first_differing_path(run_dir, tmp_path, capsys):
   copy = _copy_run(run_dir, tmp_path)
   _edit_json(os.path.join(copy, 'checkpoints', '40', 'config', 'metadata'),
@@ -243,6 +254,7 @@ def test_param_tree_vs_config_mismatch_names_first_differing_path(run_dir, tmp_p
   assert "first differing path 'decoder/layer_1/" in err and 'missing from the checkpoint' in err
 
 
+@pytest.mark.slow
 def test_tokenizer_vocab_mismatch_names_both_sizes(run_dir, tmp_path, capsys):
   copy = _copy_run(run_dir, tmp_path)
   other = tok_lib.train_tokenizer(REFERENCES * 20 + SOURCES * 20, str(tmp_path / 'spm'),
@@ -254,6 +266,7 @@ def test_tokenizer_vocab_mismatch_names_both_sizes(run_dir, tmp_path, capsys):
   assert code == 1 and 'vocab_size=60' in err and 'expected vocab_size=400' in err
 
 
+@pytest.mark.slow
 def test_long_input_refused_with_line_and_length_or_truncated_with_warning(
     run_dir, translator, tmp_path, capsys, caplog):
   lines = [SOURCES[0], '', LONG]

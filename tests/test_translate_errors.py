@@ -72,6 +72,7 @@ def test_search_config_refuses_non_finite_floats(field, value):
 # ----------------------------------------------------------------------- input bytes
 
 
+@pytest.mark.slow
 def test_non_utf8_stdin_names_stdin_and_the_line_without_traceback(tmp_path):
   # The real stdin (surrogateescape under a UTF-8 locale), so a subprocess.
   proc = subprocess.run(
