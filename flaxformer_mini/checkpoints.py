@@ -516,21 +516,40 @@ def _first_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- inference
 
 
-def load_for_inference(run_dir: str, step: Optional[int] = None):
-  """Loads what a decode CLI needs from a run directory.
+def load_run(run_dir: str, step: Optional[int] = None
+             ) -> tuple[ml_collections.ConfigDict, PyTree, dict[str, str]]:
+  """Loads any task's trained run for inference, onto one device.
 
   Args:
     run_dir: the training ``--workdir``.
     step: checkpoint step; None = the newest readable one (unreadable newer ones are
       reported and skipped, not moved).
   Returns:
-    (config: ConfigDict, params: nested dict of arrays, tokenizer: data.Tokenizer).
-    Build the model with ``Transformer(TransformerConfig.from_dict(config.model))``.
+    (config, params, assets): the run's ConfigDict, its params (nested dict of arrays)
+    and {asset name: path in run_dir} of the task assets the checkpoint recorded, each
+    checked against the sha256 stored with the checkpoint.
   Raises:
-    FileNotFoundError naming the missing run dir / checkpoint dir / step / tokenizer file.
+    FileNotFoundError naming the missing run dir / checkpoint dir / step / asset file;
+    ValueError for an asset whose sha256 differs from the checkpoint's.
   """
-  from flaxformer_mini import data as data_lib
   from flaxformer_mini.data.tokenized import file_sha256
+  config, params, meta, s = _restore_for_inference(run_dir, step)
+  run_dir = os.path.abspath(run_dir)
+  assets = {}
+  for name, expected in meta.get('assets', {}).items():
+    path = os.path.join(run_dir, name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'asset file missing: {path!r} (written by training next to '
+                              f'{CHECKPOINT_SUBDIR}/)')
+    if expected and file_sha256(path) != expected:
+      raise ValueError(f'{path!r} is not the {name} checkpoint step {s} was trained with '
+                       '(sha256 differs)')
+    assets[name] = path
+  return config, params, assets
+
+
+def _restore_for_inference(run_dir: str, step: Optional[int]):
+  """-> (config, params on one device, meta dict, step) of the chosen checkpoint."""
   run_dir = os.path.abspath(run_dir)
   ckpt_dir = os.path.join(run_dir, CHECKPOINT_SUBDIR)
   if not os.path.isdir(run_dir):
@@ -567,13 +586,32 @@ def load_for_inference(run_dir: str, step: Optional[int] = None):
   else:
     raise RuntimeError(f'no readable checkpoint in {ckpt_dir!r}: {errors}')
   manager.close()
-  config = ml_collections.ConfigDict(restored['config'])
+  return ml_collections.ConfigDict(restored['config']), params, restored['meta'], s
+
+
+def load_for_inference(run_dir: str, step: Optional[int] = None):
+  """Loads what a decode CLI needs from a run directory.
+
+  Args:
+    run_dir: the training ``--workdir``.
+    step: checkpoint step; None = the newest readable one (unreadable newer ones are
+      reported and skipped, not moved).
+  Returns:
+    (config: ConfigDict, params: nested dict of arrays, tokenizer: data.Tokenizer).
+    Build the model with ``Transformer(TransformerConfig.from_dict(config.model))``.
+  Raises:
+    FileNotFoundError naming the missing run dir / checkpoint dir / step / tokenizer file.
+  """
+  from flaxformer_mini import data as data_lib
+  from flaxformer_mini.data.tokenized import file_sha256
+  config, params, meta, s = _restore_for_inference(run_dir, step)
+  run_dir = os.path.abspath(run_dir)
   spm_name = data_lib.tokenizer.MODEL_FILENAME
   spm_path = os.path.join(run_dir, spm_name)
   if not os.path.isfile(spm_path):
     raise FileNotFoundError(f'tokenizer file missing: {spm_path!r} (written by training '
                             f'next to {CHECKPOINT_SUBDIR}/)')
-  expected = restored['meta'].get('assets', {}).get(spm_name)
+  expected = meta.get('assets', {}).get(spm_name)
   if expected and file_sha256(spm_path) != expected:
     raise ValueError(f'{spm_path!r} is not the tokenizer checkpoint step {s} was trained '
                      f'with (sha256 differs)')

@@ -296,9 +296,14 @@ class Translator:
     """Translations of ``sentences`` (same length and order; empty in, empty out)."""
     if isinstance(sentences, str):
       raise TypeError('translate takes a list of sentences, got a single str')
-    out = [''] * len(sentences)
+    return self.translate_encoded(self.encode(sentences, on_long), search)
+
+  def translate_encoded(self, encoded: Sequence[Optional[np.ndarray]],
+                        search: SearchConfig = SearchConfig()) -> list[str]:
+    """Translations of `encode`'s output (None -> ''), batched as `batches` describes."""
+    out = [''] * len(encoded)
     base_rng = jax.random.PRNGKey(search.seed)
-    for n, (idx, inputs) in enumerate(self.batches(self.encode(sentences, on_long))):
+    for n, (idx, inputs) in enumerate(self.batches(encoded)):
       seqs, _ = self.search_ids(inputs, search, jax.random.fold_in(base_rng, n))
       for i, text in zip(idx, self.tokenizer.decode(np.asarray(seqs)[:len(idx)])):
         out[i] = text

@@ -44,37 +44,22 @@ def _data_paths(d) -> dict[str, str]:
   raise ValueError(f"config.data.source={d.source!r} is not one of ('embedded', 'shared')")
 
 
-class TranslationTask:
-  """Seq2seq translation (``config.data.src_lang`` -> ``tgt_lang``) with `Transformer`.
+class Seq2SeqTask:
+  """A `Transformer` on text pairs ``src_key`` -> ``tgt_key``: what translation and
+  summarization share (tokenizer, model, loss, pipeline, `Translator` search).
 
-  Setup (idempotent, so a resumed run finds everything in place):
-    * TFDS array_record dataset from the TSV files, in ``data.tfds_dir`` or
-      ``<workdir>/tfds``;
-    * a joint SentencePiece model ``<workdir>/spm.model``, trained on the train split
-      unless it exists (a resumed run reuses it);
-    * the train and eval splits tokenized once, on first use, and cached in
-      ``<workdir>/tokenized/`` keyed by the tokenizer's sha256 (`data.tokenize_source`),
-      so the input pipeline only slices arrays and a restarted run reads the cache;
-    * the model from ``config.model`` (its vocab_size must match the tokenizer).
+  A subclass's ``__init__`` sets ``config``, ``src_key``, ``tgt_key``, ``train_source``
+  and ``eval_source`` (random-access sources of dicts holding both keys), then calls
+  ``_setup_model(workdir)``, which (idempotent, so a resumed run finds everything in place)
+  trains the joint SentencePiece model ``<workdir>/spm.model`` on both sides of the train
+  split unless it exists, and builds the model from ``config.model`` (its vocab_size must
+  match the tokenizer). Train and eval splits are tokenized once, on first use, and cached
+  in ``<workdir>/tokenized/`` keyed by the tokenizer's sha256 (`data.tokenize_source`), so
+  the input pipeline only slices arrays and a restarted run reads the cache.
   """
 
-  name = 'translation'
-
-  def __init__(self, config, workdir: str):
-    self.config = config
-    d = config.data
-    if 'en' not in (d.src_lang, d.tgt_lang) or d.src_lang == d.tgt_lang:
-      raise ValueError(f'data.src_lang={d.src_lang!r}, data.tgt_lang={d.tgt_lang!r}: one of '
-                       f'them must be "en" and the other the non-English side of {d.pair!r}')
-    self.src_key, self.tgt_key = d.src_lang, d.tgt_lang
-    other = d.tgt_lang if d.src_lang == 'en' else d.src_lang
-    os.makedirs(workdir, exist_ok=True)
-    tfds_dir = d.tfds_dir or os.path.join(workdir, 'tfds')
-    self.builder = data_lib.prepare_tsv_builder(_data_paths(d), other_lang=other,
-                                                data_dir=tfds_dir)
-    self.train_source = data_lib.translation_source(self.builder, d.train_split)
-    self.eval_source = data_lib.translation_source(self.builder, d.eval_split)
-
+  def _setup_model(self, workdir: str) -> None:
+    config, d = self.config, self.config.data
     spm_path = os.path.join(workdir, data_lib.tokenizer.MODEL_FILENAME)
     if not os.path.isfile(spm_path):
       n = len(self.train_source) if not d.spm_max_sentences else min(
@@ -171,6 +156,32 @@ class TranslationTask:
     if e.beam_size > 1:
       return SearchConfig('beam', beam_size=e.beam_size, alpha=e.alpha)
     return SearchConfig('greedy')
+
+
+class TranslationTask(Seq2SeqTask):
+  """Seq2seq translation (``config.data.src_lang`` -> ``tgt_lang``) with `Transformer`.
+
+  Setup: the TFDS array_record dataset from the TSV files, in ``data.tfds_dir`` or
+  ``<workdir>/tfds``, then `Seq2SeqTask._setup_model` (tokenizer and model).
+  """
+
+  name = 'translation'
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    d = config.data
+    if 'en' not in (d.src_lang, d.tgt_lang) or d.src_lang == d.tgt_lang:
+      raise ValueError(f'data.src_lang={d.src_lang!r}, data.tgt_lang={d.tgt_lang!r}: one of '
+                       f'them must be "en" and the other the non-English side of {d.pair!r}')
+    self.src_key, self.tgt_key = d.src_lang, d.tgt_lang
+    other = d.tgt_lang if d.src_lang == 'en' else d.src_lang
+    os.makedirs(workdir, exist_ok=True)
+    tfds_dir = d.tfds_dir or os.path.join(workdir, 'tfds')
+    self.builder = data_lib.prepare_tsv_builder(_data_paths(d), other_lang=other,
+                                                data_dir=tfds_dir)
+    self.train_source = data_lib.translation_source(self.builder, d.train_split)
+    self.eval_source = data_lib.translation_source(self.builder, d.eval_split)
+    self._setup_model(workdir)
 
   def evaluate(self, params) -> tuple[dict[str, float], list[str]]:
     """Dev BLEU (sacrebleu corpus BLEU on detokenized text) and sample translations."""
