@@ -1,7 +1,7 @@
 """The translate entry point on a real (tiny) training run: CLI, Translator, errors.
 
-A module-scoped fixture runs ``train.py`` on configs/smoke.py for a few dozen steps;
-every test then decodes its checkpoints. Most CLI calls run ``translate.main`` in-process
+The session fixture ``smoke_run_dir`` (conftest.py) runs ``train.py`` on configs/smoke.py
+for a few dozen steps; every test then decodes its checkpoints. Most CLI calls run ``translate.main`` in-process
 so that all tests share the compiled searches (one compile per search kind).
 """
 
@@ -24,14 +24,7 @@ from flaxformer_mini.data import tokenizer as tok_lib
 from flaxformer_mini.models import Transformer, seq2seq_decoding_fns
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_DECODE_LEN = 8
-TRAIN_OVERRIDES = [  # smoke.py made as cheap as possible while still saving 2 checkpoints
-    '--config.num_train_steps=40', '--config.checkpoint_every=20', '--config.eval_every=0',
-    '--config.log_every=20', '--config.optimizer.lr_factor=5',
-    '--config.data.train_split=train[:1000]', '--config.data.spm_max_sentences=500',
-    '--config.data.eval_split=validation[:16]', '--config.data.eval_batch_size=16',
-    '--config.eval.bleu_examples=1', f'--config.eval.max_decode_len={MAX_DECODE_LEN}',
-]
+from conftest import SMOKE_MAX_DECODE_LEN as MAX_DECODE_LEN
 SOURCES = ['O certificado diverge.', 'Eu gosto de gatos.',
            'A casa é muito grande e bonita.', 'Obrigado.',
            'Nós vamos para a escola amanhã de manhã.']
@@ -42,13 +35,8 @@ GREEDY = ['--greedy']
 
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('decode') / 'run')
-  cmd = [sys.executable, 'train.py', '--config=configs/smoke.py', f'--workdir={workdir}',
-         *TRAIN_OVERRIDES]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  return workdir
+def run_dir(smoke_run_dir):
+  return smoke_run_dir
 
 
 @pytest.fixture(scope='module')
