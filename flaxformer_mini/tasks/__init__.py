@@ -3,6 +3,9 @@
     translation  seq2seq Transformer on a parallel TSV corpus, dev BLEU   (translation.py)
     lm           decoder-only LM on a plain-text corpus, dev perplexity    (lm.py)
     vit_digits   ViT classifier on scikit-learn's 8x8 digits, accuracy     (vit_digits.py)
+    classification  BERT/MiniLM text classifier on user tables, accuracy, macro-F1
+                    (classification.py)
+    summarization  seq2seq Transformer on a document/summary table, ROUGE  (summarization.py)
 
 Every task module imports only `flaxformer_mini.tasks.base`; this file imports them and
 lists them by name. Your own task, in your own file::
@@ -18,7 +21,9 @@ lists them by name. Your own task, in your own file::
 from __future__ import annotations
 
 from flaxformer_mini.tasks.base import Batch, PyTree, Task, TaskFactory
+from flaxformer_mini.tasks.classification import ClassificationTask
 from flaxformer_mini.tasks.lm import LMTask
+from flaxformer_mini.tasks.summarization import SummarizationTask
 from flaxformer_mini.tasks.translation import TranslationTask
 from flaxformer_mini.tasks.vit_digits import ViTDigitsTask
 
@@ -26,6 +31,8 @@ BUILTIN_TASKS: dict[str, TaskFactory] = {
     'translation': TranslationTask,
     'lm': LMTask,
     'vit_digits': ViTDigitsTask,
+    'classification': ClassificationTask,
+    'summarization': SummarizationTask,
 }
 _REGISTRY: dict[str, TaskFactory] = dict(BUILTIN_TASKS)
 
