@@ -68,7 +68,7 @@ class RowErrors:
     """Counts one accepted row."""
     self.good += 1
 
-  def finish(self) -> 'RowErrors':
+  def finish(self) -> RowErrors:
     """Logs the summary; raises `BadRowError` if no row was usable."""
     if self.good == 0:
       detail = f'; first: {self.first[0]}' if self.first else ''

@@ -10,19 +10,21 @@ once into a TFDS dataset whose features are the requested columns (all strings):
                                     name='movie', on_bad_row='skip')
     source = table_source(builder, 'train')     # len(source), source[i] -> {'text': str, ...}
 
-The prepared dataset is keyed on the files' paths, sizes, mtimes and sha256 and the
-columns, so an edited file is rebuilt and an unchanged one is read as a data source. The
-bad-row counts of the build are kept next to it (``bad_rows.json``) and reported again on
-every later use; ``on_bad_row='stop'`` refuses a cached dataset whose build skipped rows.
+The prepared dataset is keyed on the files' paths, sizes, mtimes and sha256, the columns,
+the format and ``allow_empty``, so an edited file is rebuilt and an unchanged one is read
+as a data source. The bad-row counts of the build are kept next to it (``bad_rows.json``)
+and reported again on every later use; ``on_bad_row='stop'`` refuses a cached dataset
+whose build skipped rows.
 
 File formats (``fmt='auto'`` picks by extension, ``.gz`` stripped first):
   * ``.tsv``/``.txt``: UTF-8, first line the tab-separated column names, one row a line,
     plain split on tab (no quoting, so text may contain quotes);
   * ``.csv``: header line, RFC 4180 quoting (a quoted field may span lines; the row's
-    first line is reported);
+    first line is reported; broken quoting is a bad row);
   * ``.jsonl``/``.json``: one JSON object a line; string or number values.
-A column the header lacks is an error for the whole file; a row without a value for a
-column, with more fields than the header, or with an empty (whitespace) value is a bad row.
+A UTF-8 byte-order mark before the header is ignored. A column the header lacks is an
+error for the whole file; a row without a value for a column, with more fields than the
+header, or with an empty (whitespace) value is a bad row.
 TFDS datasets by name are read with `tfds_table_source` (columns mapped by the caller).
 """
 
@@ -35,6 +37,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import ClassVar
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -43,6 +46,7 @@ from flaxformer_mini.data import records, textfile
 
 FORMATS = ('auto', 'tsv', 'csv', 'jsonl')
 BAD_ROWS_FILE = 'bad_rows.json'
+BOM = '\ufeff'
 _EXTENSIONS = {'.tsv': 'tsv', '.txt': 'tsv', '.csv': 'csv', '.jsonl': 'jsonl',
                '.json': 'jsonl'}
 
@@ -108,7 +112,11 @@ def _delimited_rows(path, columns, errors, fmt) -> Iterator[tuple[int, Row]]:
   if header is None:
     raise ValueError(f'{path}: empty file (expected a header line naming the columns '
                      f'{list(columns)})')
+  if isinstance(header, csv.Error):
+    raise ValueError(f'{path} line {header_line}: the header is not valid CSV ({header})')
   header = [h.strip() for h in header]
+  if header_line == 1 and header:  # the byte-order mark spreadsheet programs write
+    header[0] = header[0].removeprefix(BOM).strip()
   missing = [c for c in columns if c not in header]
   if missing:
     raise ValueError(f'{path} line {header_line}: the header {header} has no column '
@@ -116,6 +124,9 @@ def _delimited_rows(path, columns, errors, fmt) -> Iterator[tuple[int, Row]]:
                      'the columns')
   index = {c: header.index(c) for c in columns}
   for line_no, fields in split:
+    if isinstance(fields, csv.Error):
+      errors.bad(path, line_no, f'invalid CSV ({fields})')
+      continue
     if len(fields) > len(header):
       errors.bad(path, line_no, f'{len(fields)} fields, more than the header\'s '
                  f'{len(header)} (a tab or delimiter inside a value?)')
@@ -128,15 +139,30 @@ def _delimited_rows(path, columns, errors, fmt) -> Iterator[tuple[int, Row]]:
     yield line_no, {c: fields[index[c]] for c in columns}
 
 
-def _csv_records(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, list[str]]]:
-  """CSV records with the line each starts on; blank records are skipped."""
+def _csv_records(lines: Iterator[tuple[int, str]]
+                 ) -> Iterator[tuple[int, list[str] | csv.Error]]:
+  """CSV records with the line each starts on; blank records are skipped.
+
+  A record that breaks the quoting rules comes out as a `csv.Error` (strict mode: without
+  it a stray quote would silently swallow the following lines into one field).
+  """
   def text():
     for _, line in lines:
       yield line + '\n'
-  reader = csv.reader(text())
+  reader = csv.reader(text(), strict=True)
   start = 1
-  for fields in reader:
+  while True:
     line_no = start
+    try:
+      fields = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      start = reader.line_num + 1
+      if str(e) == 'unexpected end of data':
+        e = csv.Error('a quoted field is still open at the end of the file')
+      yield line_no, e
+      continue
     start = reader.line_num + 1
     if fields and any(f.strip() for f in fields):
       yield line_no, fields
@@ -145,6 +171,8 @@ def _csv_records(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, list[s
 def _jsonl_rows(path, columns, errors) -> Iterator[tuple[int, Row]]:
   seen_any = False
   for line_no, line in textfile.read_lines(path):
+    if line_no == 1:
+      line = line.removeprefix(BOM)
     if not line.strip():
       continue
     seen_any = True
@@ -185,7 +213,7 @@ class UserTable(tfds.core.GeneratorBasedBuilder):
   """Rows of local table files; features: one Text per column."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {'1.0.0': 'Initial release.'}
 
   # Same tfds 4.9.10 `importlib_resources` trap as tsv_builder.TsvTranslate.code_path.
   @tfds.core.utils.classproperty
@@ -211,8 +239,7 @@ class UserTable(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in self._rows}
 
   def _generate_examples(self, split):
-    for i, row in enumerate(self._rows[split]):
-      yield i, row
+    yield from enumerate(self._rows[split])
 
 
 def file_key(path: str) -> str:
@@ -267,7 +294,9 @@ def prepare_table_builder(files: Mapping[str, str], columns: Sequence[str], data
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{split} file not found: {path!r}')
   safe = ''.join(ch if ch.isalnum() else '_' for ch in name.lower()) or 'table'
-  config = TableConfig(name=f'{safe}_{_fingerprint(files, columns, check_key)}',
+  # What decides which rows are kept is part of the key, so a changed reading is rebuilt.
+  key = '\0'.join([check_key, fmt, *sorted(allow_empty)])
+  config = TableConfig(name=f'{safe}_{_fingerprint(files, columns, key)}',
                        files={s: os.path.abspath(p) for s, p in files.items()},
                        columns=tuple(columns))
   builder = UserTable(config=config, data_dir=data_dir, file_format='array_record')
@@ -285,7 +314,7 @@ def prepare_table_builder(files: Mapping[str, str], columns: Sequence[str], data
                     s['bad_rows'], s['bad_rows'] + s['good_rows'], s['first'][0])
     return builder
   if check_row is None or callable(check_row):
-    checks = {split: check_row for split in files}
+    checks = dict.fromkeys(files, check_row)
   else:
     checks = dict(check_row)
   rows, summary = {}, {}
@@ -337,7 +366,7 @@ def table_source(builder: UserTable, split: str) -> _TextSource:
   """A prepared table's split: ``len(source)``, ``source[i]`` -> {column: str}."""
   columns = builder.builder_config.columns
   return _TextSource(builder.as_data_source(split), {c: c for c in columns},
-                     {c: _as_str for c in columns})
+                     dict.fromkeys(columns, _as_str))
 
 
 def tfds_table_source(name: str, split: str, columns: Mapping[str, str], *,
