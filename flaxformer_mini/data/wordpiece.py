@@ -7,7 +7,9 @@
     batch['token_type_ids']   # [2, 64] int32, 1 on the second text of a pair
 
 Pairs (question, context) are encoded as ``[CLS] q [SEP] c [SEP]``, truncation
-'only_second' (the context is cut) or 'longest_first'. `WordPiece.hf` is the underlying
+'only_second' (the context is cut), 'only_first' or 'longest_first', done by `tokenizers`
+itself so rows equal ``BertTokenizerFast``'s (the slow Python ``BertTokenizer`` splits an
+odd longest_first tie the other way). `WordPiece.hf` is the underlying
 `tokenizers.Tokenizer` (offsets, overflowing windows with a stride) for extractive QA.
 """
 
@@ -47,7 +49,7 @@ class WordPiece:
     self.hf.no_truncation()
 
   @classmethod
-  def from_file(cls, path: str, lowercase: bool = True) -> 'WordPiece':
+  def from_file(cls, path: str, lowercase: bool = True) -> WordPiece:
     """From a `tokenizer.json` or a BERT `vocab.txt` (uncased unless lowercase=False)."""
     import tokenizers
     if not os.path.isfile(path):
@@ -58,11 +60,17 @@ class WordPiece:
       except Exception as e:  # tokenizers raises a plain Exception for a bad file
         raise ValueError(f'{path}: not a Hugging Face tokenizer.json ({e})') from None
     else:
-      hf = tokenizers.BertWordPieceTokenizer(path, lowercase=lowercase)._tokenizer
+      with open(path, encoding='utf-8') as f:
+        vocab = {line.rstrip('\r\n') for line in f}
+      missing = [t for t in ('[CLS]', '[SEP]', '[PAD]', '[UNK]') if t not in vocab]
+      if missing:  # tokenizers would raise a TypeError naming no file
+        raise ValueError(f'{path}: no {missing[0]} token in the vocabulary; a BERT '
+                         'WordPiece vocabulary is needed')
+      hf = tokenizers.BertWordPieceTokenizer.from_file(path, lowercase=lowercase)._tokenizer
     return cls(hf, path)
 
   @classmethod
-  def from_dir(cls, directory: str) -> 'WordPiece':
+  def from_dir(cls, directory: str) -> WordPiece:
     """From a model directory's `tokenizer.json`, else its `vocab.txt`."""
     for name in (TOKENIZER_FILE, VOCAB_FILE):
       path = os.path.join(directory, name)
@@ -106,9 +114,13 @@ class WordPiece:
       pairs = list(pairs)
       if len(pairs) != len(texts):
         raise ValueError(f'{len(texts)} texts but {len(pairs)} pairs')
-      full = self.hf.encode_batch(list(zip(texts, pairs)))
+      for i, t in enumerate(pairs):
+        if not isinstance(t, str):
+          raise TypeError(f'pair {i} is a {type(t).__name__}, not a str')
+      inputs = list(zip(texts, pairs))
     else:
-      full = self.hf.encode_batch(texts)
+      inputs = texts
+    full = self._encode_truncated(inputs, max_len, truncation)
     b = len(texts)
     out = {k: np.zeros((b, max_len), np.int32)
            for k in ('input_ids', 'attention_mask', 'token_type_ids')}
@@ -116,49 +128,38 @@ class WordPiece:
     lengths = np.zeros(b, np.int32)
     truncated = np.zeros(b, bool)
     for i, enc in enumerate(full):
-      ids, types = enc.ids, enc.type_ids
-      if len(ids) > max_len:
-        truncated[i] = True
-        if pairs is not None:
-          ids, types = self._truncate_pair(enc, max_len, truncation)
-        else:
-          ids = ids[:max_len - 1] + [self.sep_id]
-          types = types[:max_len]
-      n = len(ids)
-      out['input_ids'][i, :n] = ids
-      out['token_type_ids'][i, :n] = types
+      n = len(enc.ids)
+      out['input_ids'][i, :n] = enc.ids
+      out['token_type_ids'][i, :n] = enc.type_ids
       out['attention_mask'][i, :n] = 1
       lengths[i] = n
+      truncated[i] = bool(enc.overflowing)
     out['lengths'], out['truncated'] = lengths, truncated
     return out
 
-  def _truncate_pair(self, enc, max_len: int, strategy: str) -> tuple[list[int], list[int]]:
-    """[CLS] a [SEP] b [SEP] cut to max_len tokens by ``strategy`` (as HF truncation)."""
-    parts = zip(enc.ids, enc.type_ids, enc.special_tokens_mask)
-    first, second = [], []
-    for token, segment, special in parts:
-      if not special:
-        (second if segment else first).append(token)
-    budget = max_len - 3
-    if strategy == 'only_second':
-      second = second[:max(budget - len(first), 0)]
-      if len(first) > budget:
-        raise ValueError(f'the first text alone has {len(first)} tokens, more than '
-                         f'max_len={max_len} - 3 allows with only_second truncation')
-    elif strategy == 'only_first':
-      first = first[:max(budget - len(second), 0)]
-      if len(second) > budget:
-        raise ValueError(f'the second text alone has {len(second)} tokens, more than '
-                         f'max_len={max_len} - 3 allows with only_first truncation')
-    else:
-      while len(first) + len(second) > budget:
-        if len(first) > len(second):
-          first.pop()
-        else:
-          second.pop()
-    ids = [self.cls_id] + first + [self.sep_id] + second + [self.sep_id]
-    types = [0] * (len(first) + 2) + [1] * (len(second) + 1)
-    return ids, types
+  def _encode_truncated(self, inputs: list, max_len: int, strategy: str) -> list:
+    """`tokenizers`' own truncation (HF's exact longest_first split); the file's settings
+    are put back afterwards."""
+    saved = self.hf.truncation
+    self.hf.enable_truncation(max_len, strategy=strategy)
+    try:
+      return self.hf.encode_batch(inputs)
+    except Exception as e:  # tokenizers raises a plain Exception
+      error = e
+    finally:
+      if saved is None:
+        self.hf.no_truncation()
+      else:
+        self.hf.enable_truncation(**saved)
+    # Only a pair can fail: the text that must stay whole is longer than max_len allows.
+    kept = 0 if strategy == 'only_second' else 1
+    for i, pair in enumerate(inputs):
+      n = len(self.tokenize(pair[kept])) if isinstance(pair, tuple) else 0
+      if n > max_len - 3:
+        raise ValueError(f'pair {i}: the {("first", "second")[kept]} text alone has {n} '
+                         f'tokens, more than max_len={max_len} - 3 allows with {strategy} '
+                         'truncation')
+    raise ValueError(f'tokenizers could not truncate to max_len={max_len}: {error}')
 
   def decode(self, ids: Sequence[int]) -> str:
     """Ids -> text, specials and padding dropped."""
