@@ -88,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.clip_norm = 1.0         # global-norm clipping; 0 = off
   c.optimizer.weight_decay = 0.0      # decoupled (AdamW) on weight matrices, not emb/bias/norm
   c.optimizer.accum_steps = 1         # optax.MultiSteps micro-batches per update
+  c.optimizer.layer_decay = 1.0       # fine-tuning: lr x decay^(L-i) for layer_<i> of L,
+                                      # decay^(L+1) for embeddings, 1 for heads; 1 = off
   c.optimizer.label_smoothing = 0.1
 
   c.eval = ml_collections.ConfigDict()

@@ -15,7 +15,8 @@ much). Metrics leave the steps as sums; divide by ``weight`` when reporting
 Optimizer (`make_optimizer`): Adam(b1=0.9, b2=0.98, eps=1e-9) with the schedule of
 "Attention Is All You Need", ``factor * d_model^-0.5 * min(step^-0.5, step *
 warmup^-1.5)`` (or linear warmup + cosine decay), clipping by global norm, optional
-decoupled weight decay (AdamW) on weight matrices only, and gradient accumulation
+decoupled weight decay (AdamW) on weight matrices only, optional layer-wise
+learning-rate decay for fine-tuning (`layer_depths`), and gradient accumulation
 with `optax.MultiSteps`.
 
 Parallelism (`make_step_fns`): ``parallel='mesh'`` jits one `train_step` over a named
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import flax
@@ -125,11 +127,78 @@ def decay_mask(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+_LAYER = re.compile(r'layer_(\d+)')
+
+
+def layer_depths(params: PyTree) -> PyTree:
+  """How many steps of layer-wise learning-rate decay each leaf is below the top.
+
+  With L = 1 + the largest ``i`` of a ``layer_<i>`` part in any parameter path: a leaf
+  under ``layer_<i>`` (its last such part) gets ``L - i``; a leaf below every layer (a
+  path part containing ``embed``, or ViT's ``cls_token``) gets ``L + 1``; every other
+  leaf (pooler, classifier head, final norm) gets 0. ``decay ** depth`` is then the
+  factor of ELECTRA / BEiT fine-tuning: the top layer ``decay``, the embeddings
+  ``decay^(L+1)``, the head 1.
+
+  Returns:
+    a tree like ``params`` of Python ints.
+  Raises:
+    ValueError when no path has a ``layer_<i>`` part (e.g. ``scan_layers`` stacks them).
+  """
+  names = lambda path: [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  layers = []
+  for path, _ in flat:
+    found = [int(m.group(1)) for n in names(path) if (m := _LAYER.fullmatch(n))]
+    layers.append(found[-1] if found else None)
+  indices = [i for i in layers if i is not None]
+  if not indices:
+    top = sorted({names(path)[0] for path, _ in flat if names(path)})
+    raise ValueError(f'no parameter path has a layer_<i> part (top-level names: {top}); '
+                     'layer-wise decay needs unstacked layers (config.model.scan_layers='
+                     'False)')
+  num_layers = max(indices) + 1
+
+  def depth(path, layer):
+    if layer is not None:
+      return num_layers - layer
+    if any('embed' in n or n == 'cls_token' for n in names(path)):
+      return num_layers + 1
+    return 0
+  return jax.tree_util.tree_unflatten(
+      treedef, [depth(path, layer) for (path, _), layer in zip(flat, layers)])
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by ``decay ** layer_depths(params)``; stateless.
+
+  ``init`` already checks the tree, so a model without ``layer_<i>`` names fails before
+  training with a message naming ``config.optimizer.layer_decay``.
+  """
+  def factors(tree):
+    try:
+      return jax.tree_util.tree_map(lambda d: decay ** d, layer_depths(tree))
+    except ValueError as e:
+      raise ValueError(f'config.optimizer.layer_decay={decay}: {e}') from None
+
+  def init_fn(params):
+    factors(params)
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map(lambda u, f: u if f == 1.0 else u * f, updates,
+                                    factors(updates))
+    return scaled, state
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer from ``config.optimizer`` (see configs/common.py).
 
   Chain: clip_by_global_norm(clip_norm) -> Adam(b1, b2, eps) [-> decoupled weight decay
-  on `decay_mask` params] -> -schedule, wrapped in ``optax.MultiSteps(every_k_schedule=
+  on `decay_mask` params] -> -schedule [-> x layer_decay^depth (`scale_by_layer_decay`)
+  when ``layer_decay`` != 1], wrapped in ``optax.MultiSteps(every_k_schedule=
   accum_steps)`` when accum_steps > 1 (the schedule then counts real updates).
 
   Returns:
@@ -145,6 +214,9 @@ def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule
   if opt.weight_decay and opt.weight_decay > 0:
     parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(schedule))
+  layer_decay = opt.get('layer_decay', 1.0)
+  if layer_decay != 1.0:  # last, so it also scales the weight decay (as ELECTRA's AdamW)
+    parts.append(scale_by_layer_decay(layer_decay))
   tx = optax.chain(*parts)
   if opt.accum_steps < 1:
     raise ValueError(f'optimizer.accum_steps={opt.accum_steps} must be >= 1')
@@ -266,6 +338,8 @@ def validate_config(config) -> None:
     check(key, lambda x: finite(x) and x >= 0, 'a finite number >= 0 (0 = off)')
   for key in ('optimizer.b1', 'optimizer.b2', 'optimizer.label_smoothing'):
     check(key, lambda x: finite(x) and 0 <= x < 1, 'a number in [0, 1)')
+  check('optimizer.layer_decay', lambda x: finite(x) and 0 < x <= 1, 'a number in (0, 1] '
+        '(1 = off)')
   check('eval.beam_size', lambda x: is_int(x) and x >= 1, 'an integer >= 1')
   check('eval.alpha', lambda x: finite(x) and x >= 0, 'a finite number >= 0')
   check('eval.max_decode_len', lambda x: is_int(x) and x >= 1, 'an integer >= 1')

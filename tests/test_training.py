@@ -167,6 +167,100 @@ def test_weight_decay_mask_skips_embeddings_biases_and_norms():
                               'norm': {'scale': False}}}
 
 
+def _bert_like_tree(rng):
+  """Leaves named as a BERT classifier's: embeddings, layer_0/1, pooler, classifier."""
+  leaf = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  return {'bert': {'embeddings': {'word_embeddings': {'embedding': leaf(9, 4)},
+                                  'norm': {'scale': leaf(4)}},
+                   'layer_0': {'ffn': {'kernel': leaf(4, 4), 'bias': leaf(4)}},
+                   'layer_1': {'ffn': {'kernel': leaf(4, 4), 'bias': leaf(4)}},
+                   'pooler': {'kernel': leaf(4, 4)}},
+          'classifier': {'kernel': leaf(4, 3), 'bias': leaf(3)}}
+
+
+def test_layer_depths_follow_the_layer_names(rng):
+  depths = training.layer_depths(_bert_like_tree(rng))
+  assert depths == {'bert': {'embeddings': {'word_embeddings': {'embedding': 3},
+                                            'norm': {'scale': 3}},
+                             'layer_0': {'ffn': {'kernel': 2, 'bias': 2}},
+                             'layer_1': {'ffn': {'kernel': 1, 'bias': 1}},
+                             'pooler': {'kernel': 0}},
+                    'classifier': {'kernel': 0, 'bias': 0}}
+  # ViT: patch_embedding and cls_token sit below the layers; 12 layers, the last is 1
+  vit = {'patch_embedding': {'kernel': 0}, 'cls_token': 0, 'layer_11': {'w': 0},
+         'layer_0': {'w': 0}, 'head': {'kernel': 0}}
+  assert training.layer_depths(vit) == {'patch_embedding': {'kernel': 13}, 'cls_token': 13,
+                                        'layer_11': {'w': 1}, 'layer_0': {'w': 12},
+                                        'head': {'kernel': 0}}
+  with pytest.raises(ValueError, match=r"no parameter path has a layer_<i> part \(top-level "
+                     r"names: \['decoder', 'encoder'\]\)"):
+    training.layer_depths({'encoder': {'layers': {'kernel': 0}}, 'decoder': {'w': 0}})
+
+
+def _one_adam_update(config, params, grads):
+  tx, _ = training.make_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return updates
+
+
+def test_layer_decay_scales_each_group_of_a_one_step_adamw(rng):
+  config = smoke.get_config()
+  lr, wd, eps, decay = 0.01, 0.1, 1e-9, 0.5
+  config.optimizer.update(schedule='constant', learning_rate=lr, clip_norm=0.0,
+                          weight_decay=wd, eps=eps, layer_decay=decay)
+  params = _bert_like_tree(rng)
+  grads = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  got = _one_adam_update(config, params, grads)
+  # NumPy float64: Adam's bias-corrected first step is g / (|g| + eps); decoupled weight
+  # decay on matrices (not embeddings, biases, scales); all times lr and the group's factor.
+  factor = {'embeddings': decay ** 3, 'layer_0': decay ** 2, 'layer_1': decay ** 1,
+            'pooler': 1.0, 'classifier': 1.0}
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    names = [k.key for k in path]
+    p, u = params, got
+    for n in names:
+      p, u = p[n], u[n]
+    g64 = g.astype(np.float64)
+    adam = g64 / (np.abs(g64) + eps)
+    if names[-1] == 'kernel':
+      adam = adam + wd * p.astype(np.float64)
+    group = names[1] if names[0] == 'bert' else names[0]
+    np.testing.assert_allclose(u, -lr * factor[group] * adam, rtol=1e-5, atol=1e-9,
+                               err_msg=str(names))
+
+
+def test_layer_decay_off_is_the_unchanged_optimizer(rng):
+  params = _bert_like_tree(rng)
+  grads = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+  config = smoke.get_config()
+  config.optimizer.update(schedule='constant', learning_rate=0.01, weight_decay=0.1)
+  assert config.optimizer.layer_decay == 1.0
+  without = smoke.get_config()
+  without.optimizer.update(schedule='constant', learning_rate=0.01, weight_decay=0.1)
+  del without.optimizer['layer_decay']  # a config from before the field existed
+  tx, _ = training.make_optimizer(config)
+  tx_without, _ = training.make_optimizer(without)
+  assert (jax.tree_util.tree_structure(tx.init(params))
+          == jax.tree_util.tree_structure(tx_without.init(params)))  # checkpoints still fit
+  for a, b in zip(jax.tree_util.tree_leaves(_one_adam_update(config, params, grads)),
+                  jax.tree_util.tree_leaves(_one_adam_update(without, params, grads))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_layer_decay_errors_name_the_config_key():
+  config = smoke.get_config()
+  for bad in (0.0, 1.5, float('nan')):
+    config.optimizer.layer_decay = bad
+    with pytest.raises(ValueError, match=rf'config.optimizer.layer_decay={bad} must be a number '
+                       r'in \(0, 1\]'):
+      training.validate_config(config)
+  config.optimizer.layer_decay = 0.9
+  tx, _ = training.make_optimizer(config)
+  with pytest.raises(ValueError, match=r'^config.optimizer.layer_decay=0.9: no parameter path '
+                     r'has a layer_<i> part'):
+    tx.init({'w': jnp.ones((2, 2))})
+
+
 # ----------------------------------------------------------------------------- smoke runs
 
 
