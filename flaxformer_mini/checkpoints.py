@@ -284,7 +284,8 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, *, data_state: Optional[dict], config,
            assets: Optional[dict[str, str]] = None, task: str = '',
-           metrics: Optional[dict[str, float]] = None) -> None:
+           metrics: Optional[dict[str, float]] = None,
+           extra_meta: Optional[dict] = None) -> None:
     """Saves ``state`` (host arrays, unreplicated) as checkpoint ``step``.
 
     Args:
@@ -295,11 +296,12 @@ class Checkpointer:
       assets: {filename: path} files kept in the run dir; their sha256 is recorded.
       task: task name.
       metrics: dev metrics of this step; ``metrics[BEST_METRIC]`` ranks the best ones.
+      extra_meta: more JSON-able facts kept in the checkpoint's meta (e.g. quantization).
     """
     from flaxformer_mini.data.tokenized import file_sha256
     meta = {'step': int(step), 'task': task, 'time': time.time(),
             'assets': {name: file_sha256(p) for name, p in (assets or {}).items()},
-            'metrics': metrics or {}}
+            'metrics': metrics or {}, **(extra_meta or {})}
     if not all_finite(state):
       raise ValueError(f'refusing to save checkpoint step {step}: the state holds NaN/inf '
                        f'values; the last good checkpoint is {self.latest_path()}')
@@ -516,18 +518,18 @@ def _first_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- inference
 
 
-def load_run(run_dir: str, step: Optional[int] = None
-             ) -> tuple[ml_collections.ConfigDict, PyTree, dict[str, str]]:
+def load_run(run_dir: str, step: Optional[int] = None, *, with_meta: bool = False):
   """Loads any task's trained run for inference, onto one device.
 
   Args:
     run_dir: the training ``--workdir``.
     step: checkpoint step; None = the newest readable one (unreadable newer ones are
       reported and skipped, not moved).
+    with_meta: also return the checkpoint's meta dict (its 'step', 'metrics', ...).
   Returns:
-    (config, params, assets): the run's ConfigDict, its params (nested dict of arrays)
-    and {asset name: path in run_dir} of the task assets the checkpoint recorded, each
-    checked against the sha256 stored with the checkpoint.
+    (config, params, assets[, meta]): the run's ConfigDict, its params (nested dict of
+    arrays) and {asset name: path in run_dir} of the task assets the checkpoint recorded,
+    each checked against the sha256 stored with the checkpoint.
   Raises:
     FileNotFoundError naming the missing run dir / checkpoint dir / step / asset file;
     ValueError for an asset whose sha256 differs from the checkpoint's.
@@ -545,7 +547,7 @@ def load_run(run_dir: str, step: Optional[int] = None
       raise ValueError(f'{path!r} is not the {name} checkpoint step {s} was trained with '
                        '(sha256 differs)')
     assets[name] = path
-  return config, params, assets
+  return (config, params, assets, meta) if with_meta else (config, params, assets)
 
 
 def _restore_for_inference(run_dir: str, step: Optional[int]):

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_mini import decoding
+from flaxformer_mini import quantize as _quantize
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, check_vocab
 from flaxformer_mini.models import STATIC_CACHE_KEYS, Transformer, seq2seq_decoding_fns
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ('beam', 'greedy', 'sample')
 ON_LONG = ('truncate', 'error')
+_QUANTIZE = _quantize.METHODS
 MIN_LENGTH_BUCKET = 4
 
 
@@ -123,6 +125,8 @@ def check_params(model_config: TransformerConfig, params: PyTree) -> None:
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids))['params']
   want = {_path_str(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  if _quantize.is_quantized(params):
+    params = jax.eval_shape(_quantize.dequantize_params, params)
   got = {_path_str(p): tuple(np.shape(x))
          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   for path in sorted(set(want) | set(got)):
@@ -147,6 +151,7 @@ def _search(params, inputs, rng, *, model_config: TransformerConfig, max_decode_
   model shares the compiled searches.
   """
   model = Transformer(model_config)
+  params = _quantize.dequantize_params(params)  # int8 weights become float here, in the jit
   t2l, cache = seq2seq_decoding_fns(model, params, inputs, max_decode_len)
   common = dict(batch_size=inputs.shape[0], max_decode_len=max_decode_len,
                 bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
@@ -176,12 +181,18 @@ class Translator:
     max_decode_len: output tokens per sentence, EOS included (<= ``model_config.max_len``).
     batch_size: sentences per batch (the largest batch bucket).
     on_long: 'truncate' (warn) or 'error' for sources longer than ``model_config.max_len``.
+    quantize: 'int8' quantizes float ``params`` (`flaxformer_mini.quantize`) and decodes
+      from the int8 weights; params that are already int8 are used as they are.
   """
 
   def __init__(self, model_config: TransformerConfig, params: PyTree, tokenizer: Tokenizer, *,
                max_decode_len: Optional[int] = None, batch_size: int = 32,
-               on_long: str = 'truncate'):
+               on_long: str = 'truncate', quantize: str = 'none'):
+    if quantize not in _QUANTIZE:
+      raise ValueError(f'quantize={quantize!r} is not one of {_QUANTIZE}')
     check_params(model_config, params)
+    if quantize == 'int8' and not _quantize.is_quantized(params):
+      params = _quantize.quantize_params(params)
     check_vocab(tokenizer, model_config.vocab_size)
     max_decode_len = model_config.max_len if max_decode_len is None else int(max_decode_len)
     if not 1 <= max_decode_len <= model_config.max_len:
@@ -423,6 +434,8 @@ def _parser() -> argparse.ArgumentParser:
                  help='sentences per batch (32)')
   p.add_argument('--on_long', choices=ON_LONG, default='truncate',
                  help='source longer than model max_len: truncate with a warning, or error')
+  p.add_argument('--quantize', choices=_QUANTIZE, default='none',
+                 help='int8: decode from per-channel int8 weights (flaxformer_mini.quantize)')
   p.add_argument('--input', default=None, help='file with one source sentence per line')
   p.add_argument('--output', default=None, help='write translations here (default stdout)')
   p.add_argument('--reference', default=None,
@@ -477,7 +490,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.time()
     translator = Translator.from_workdir(args.workdir, args.step,
                                          max_decode_len=args.max_decode_len,
-                                         batch_size=args.batch_size, on_long=args.on_long)
+                                         batch_size=args.batch_size, on_long=args.on_long,
+                                         quantize=args.quantize)
     t1 = time.time()
     hypotheses = translator.translate(sources, search)
   except (FileNotFoundError, ValueError, RuntimeError) as e:
