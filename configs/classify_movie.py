@@ -68,11 +68,14 @@ def classification_config(dataset: str, variant: str = '') -> ml_collections.Con
   o.warmup_steps = 50
   o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
   o.weight_decay = 0.01
+  o.layer_decay = 1.0                 # e.g. 0.9: layer i of MiniLM's 6 at lr x 0.9^(6-i), the
+                                      # embeddings 0.9^7 (ELECTRA/BEiT); off until measured
   o.label_smoothing = 0.0
   if variant == 'scratch':
     c.model.init_from = ''
     o.learning_rate = 5e-4
     o.warmup_steps = 100
+    o.layer_decay = 1.0               # random layers: nothing pretrained to keep
   elif variant:
     raise ValueError(f"config variant {variant!r}: use '' (MiniLM) or 'scratch'")
   return c

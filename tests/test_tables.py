@@ -55,6 +55,8 @@ def test_row_errors_stop_raises_naming_file_and_line():
   assert str(e.value) == ('data/x.tsv line 7: empty text in column "text" (train split; set '
                           'config.data.on_bad_row=skip to skip such rows)')
   assert isinstance(e.value, ValueError)
+  with pytest.raises(records.BadRowError, match=r'^tfds:imdb/train example 3: empty text \('):
+    errors.bad('tfds:imdb/train', 'example 3', 'empty text')  # a row named without a line
 
 
 def test_row_errors_skip_counts_and_logs(caplog):

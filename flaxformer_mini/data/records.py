@@ -52,8 +52,12 @@ class RowErrors:
     self.first: list[str] = []
 
   def bad(self, path: str, line: int | str, why: str) -> None:
-    """Reports one bad row: ``why`` says what is wrong ('unknown label "neutral"')."""
-    message = f'{path} line {line}: {why}'
+    """Reports one bad row: ``why`` says what is wrong ('unknown label "neutral"').
+
+    ``line``: the file's line number, or a str naming the row another way ('example 7').
+    """
+    where = line if isinstance(line, str) else f'line {line}'
+    message = f'{path} {where}: {why}'
     self.count += 1
     self.reasons[why.split(':')[0]] += 1
     if len(self.first) < 3:

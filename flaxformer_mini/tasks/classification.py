@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Iterable, Iterator, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import grain
 import jax
@@ -118,14 +118,14 @@ class TextClassifier(nn.Module):
     """input_ids, attention_mask: [b, l] int -> logits [b, num_labels] float32."""
     if self.pooling not in POOLING:
       raise ValueError(f'config.model.pooling={self.pooling!r} is not one of {POOLING}')
+    if self.pooling == 'cls' and not self.cfg.pooler:
+      raise ValueError("pooling='cls' needs the pooler: config.model.pooler=True")
     enc = self.cfg.encoder
     hidden, pooled = bert.BertModel(self.cfg, name='bert')(
         input_ids, attention_mask, deterministic=deterministic)
     if self.pooling == 'mean':
       mask = attention_mask.astype(jnp.float32)[..., None]
       pooled = (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
-    elif pooled is None:
-      raise ValueError("pooling='cls' needs the pooler: config.model.pooler=True")
     pooled = Dropout(enc.dropout_rate, enc.dropout_impl)(pooled, deterministic=deterministic)
     logits = nn.Dense(self.cfg.num_labels, dtype=enc.dtype, param_dtype=enc.param_dtype,
                       name='classifier')(pooled)
@@ -192,13 +192,14 @@ def _split_of(split_spec: str) -> str:
 
 def read_split(source, label_column_ok, what: str, errors: records.RowErrors
                ) -> tuple[list[str], list[str]]:
-  """All (text, label) rows of a random-access source of {'text', 'label'} dicts."""
+  """All (text, label) rows of a random-access source of {'text', 'label'} dicts; a bad
+  row is reported by its index in the source (``example 7``)."""
   texts, labels = [], []
   for i in range(len(source)):
     row = source[i]
     why = label_column_ok(row)
     if why:
-      errors.bad(what, i + 1, why)
+      errors.bad(what, f'example {i}', why)
       continue
     errors.ok()
     texts.append(row['text'])
@@ -285,7 +286,7 @@ class Classifier:
         model.apply({'params': p}, ids, mask), -1))
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: Optional[int] = None, **kwargs) -> 'Classifier':
+  def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> Classifier:
     """Loads a ``classification`` run (newest readable checkpoint, or ``step``)."""
     from flaxformer_mini import checkpoints
     config, params, assets = checkpoints.load_run(workdir, step)
@@ -363,25 +364,33 @@ class ClassificationTask:
     if len(self.labels) < 2:
       raise ValueError(f'the train split has {len(self.labels)} label(s) {self.labels}; a '
                        'classifier needs at least 2 (config.data.label_column)')
+    trained = self._has_checkpoints()
     labels_path = os.path.join(self.workdir, LABELS_FILE)
     if os.path.isfile(labels_path):
       with open(labels_path) as f:
         saved = json.load(f)
-      if saved != self.labels:
-        raise ValueError(f'{labels_path} holds labels {saved}, the train data has '
-                         f'{self.labels}; use a fresh --workdir for other data')
-    else:
-      with open(labels_path, 'w') as f:
-        json.dump(self.labels, f, indent=1)
+      if saved != self.labels and trained:
+        raise ValueError(f'{labels_path} holds labels {saved} of the run trained there, the '
+                         f'train data has {self.labels}; use a fresh --workdir for other data')
+    with open(labels_path, 'w') as f:
+      json.dump(self.labels, f, indent=1)
     index = {l: i for i, l in enumerate(self.labels)}
 
     tokenizer_src = d.tokenizer or os.path.join(bert.minilm_dir(), wordpiece.TOKENIZER_FILE)
+    wanted = wordpiece.WordPiece.from_file(tokenizer_src)
     tokenizer_path = os.path.join(self.workdir, wordpiece.TOKENIZER_FILE)
+    if (os.path.isfile(tokenizer_path) and
+        wordpiece.WordPiece.from_file(tokenizer_path).hf.to_str() != wanted.hf.to_str()):
+      if trained:
+        raise ValueError(f'{tokenizer_path} is not config.data.tokenizer={tokenizer_src!r} '
+                         f'(the run in {self.workdir} was trained with the former); use a '
+                         'fresh --workdir for another tokenizer')
+      os.remove(tokenizer_path)
     if not os.path.isfile(tokenizer_path):
       if tokenizer_src.endswith('.json'):
         shutil.copyfile(tokenizer_src, tokenizer_path)
       else:  # a vocab.txt: save the tokenizer it makes
-        wordpiece.WordPiece.from_file(tokenizer_src).hf.save(tokenizer_path)
+        wanted.hf.save(tokenizer_path)
     self.tokenizer = wordpiece.WordPiece.from_file(tokenizer_path)
 
     self.bert_config, self.init_dir = model_config(config.model, len(self.labels))
@@ -410,11 +419,18 @@ class ClassificationTask:
 
   # -- data ----------------------------------------------------------------------------
 
+  def _has_checkpoints(self) -> bool:
+    """Whether a run was trained in the workdir (its assets must then stay as they are)."""
+    from flaxformer_mini import checkpoints
+    path = os.path.join(self.workdir, checkpoints.CHECKPOINT_SUBDIR)
+    return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+
   def _read_data(self):
     d = self.config.data
-    tfds_dir = d.tfds_dir or os.path.join(self.workdir, 'tfds')
     train_split, eval_split = _split_of(d.train_split), _split_of(d.eval_split)
     if d.tfds_name:
+      # A prepared TFDS dataset lives in TFDS's own data dir unless tfds_dir names one.
+      tfds_dir = d.tfds_dir or None
       columns = {'text': d.tfds_text_feature, 'label': d.tfds_label_feature}
       train = tables.tfds_table_source(d.tfds_name, d.train_split, columns, data_dir=tfds_dir)
       dev = tables.tfds_table_source(d.tfds_name, d.eval_split, columns, data_dir=tfds_dir)
@@ -429,6 +445,7 @@ class ClassificationTask:
           dev, dev_ok, f'{what}/{d.eval_split}',
           records.RowErrors(d.on_bad_row, f'{what} {d.eval_split}'))
       return texts, labels, dev_texts, dev_labels
+    tfds_dir = d.tfds_dir or os.path.join(self.workdir, 'tfds')
     if not d.train_file or not d.dev_file:
       raise ValueError('set config.data.train_file and config.data.dev_file (or '
                        'config.data.tfds_name)')
