@@ -17,11 +17,12 @@ train split, in words) and the first sentence.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
 import statistics
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -37,6 +38,7 @@ from flaxformer_mini.translate import SearchConfig, Translator
 log = logging.getLogger(__name__)
 
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL')
+PREDICTIONS_FILE = 'dev_predictions.jsonl'  # the latest evaluation's summaries, one per line
 SHARED_FILES = {'train': 'summarize/debian_synopsis.train.tsv.gz',
                 'validation': 'summarize/debian_synopsis.dev.tsv.gz'}
 
@@ -63,10 +65,13 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
     {'rouge1': .., 'rouge2': .., 'rougeL': ..}: the mean of each pair's F-measure (rouge-score
     lower-cases and keeps [a-z0-9] tokens), in [0, 100]. An empty hypothesis scores 0.
   """
+  if isinstance(hypotheses, str) or isinstance(references, str):
+    raise TypeError('rouge takes lists of texts (one per pair), got a single str')
   if len(hypotheses) != len(references):
-    raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} references')
+    raise ValueError(f'rouge needs one reference per hypothesis: got {len(hypotheses)} '
+                     f'hypotheses and {len(references)} references')
   if not hypotheses:
-    raise ValueError('ROUGE of no pairs')
+    raise ValueError('rouge needs at least one (hypothesis, reference) pair, got none')
   scorer = _scorer()
   sums = dict.fromkeys(ROUGE_TYPES, 0.0)
   for hyp, ref in zip(hypotheses, references):
@@ -81,24 +86,28 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 # A sentence ends at . ! or ? followed by whitespace, unless the word is one of these.
 _ABBREVIATIONS = frozenset(['e.g.', 'i.e.', 'etc.', 'vs.', 'cf.', 'mr.', 'mrs.', 'dr.',
                             'no.', 'approx.', 'incl.', 'ca.'])
+_CLOSING, _OPENING = '"\')]', '"\'(['
 _END = re.compile(r'[.!?]["\')\]]*(?=\s|$)')
 
 
 def lead_words(document: str, k: int) -> str:
-  """The first ``k`` whitespace-separated words of ``document``."""
+  """The first ``k`` whitespace-separated words of ``document``, joined by one space."""
   if k < 1:
     raise ValueError(f'k={k} must be >= 1')
   return ' '.join(document.split()[:k])
 
 
 def first_sentence(document: str) -> str:
-  """The text up to the first ``.``, ``!`` or ``?`` that ends a word followed by whitespace
-  or the end (closing quotes/brackets kept), skipping abbreviations such as ``e.g.``;
-  the whole document when there is none."""
+  """The first sentence of ``document``, whitespace runs (spaces, newlines) made one space.
+
+  It ends at the first ``.``, ``!`` or ``?`` that ends a word followed by whitespace or the
+  end of the text (closing quotes/brackets after it are kept), unless the word is an
+  abbreviation such as ``e.g.`` (also ``(e.g.``); the whole document when there is none.
+  """
   text = ' '.join(document.split())
   for m in _END.finditer(text):
     word = text[:m.end()].rsplit(' ', 1)[-1].lower()
-    if word.rstrip('"\')]') in _ABBREVIATIONS:
+    if word.rstrip(_CLOSING).lstrip(_OPENING) in _ABBREVIATIONS:
       continue
     return text[:m.end()]
   return text
@@ -157,7 +166,7 @@ class SummarizationTask(Seq2SeqTask):
   name = 'summarization'
 
   def __init__(self, config, workdir: str):
-    self.config = config
+    self.config, self.workdir = config, os.path.abspath(workdir)
     d = config.data
     self.src_key, self.tgt_key = d.document_column, d.summary_column
     if self.src_key == self.tgt_key:
@@ -213,16 +222,22 @@ class SummarizationTask(Seq2SeqTask):
     return {'lead_k': float(self.lead_k),
             **lead_baselines(documents, references, self.lead_k)}
 
-  def summarizer(self, params: PyTree) -> 'Summarizer':
+  def summarizer(self, params: PyTree) -> Summarizer:
     """A `Summarizer` of ``params`` with the run's tokenizer and config."""
     return Summarizer(self.model_config, params, self.tokenizer, config=self.config)
 
   def evaluate(self, params) -> tuple[dict[str, float], list[str]]:
-    """Dev ROUGE-1/2/L of the model's summaries and of the lead baselines, and samples."""
+    """Dev ROUGE-1/2/L of the model's summaries and of the lead baselines, and samples;
+    every summary also goes to ``<workdir>/dev_predictions.jsonl`` (`PREDICTIONS_FILE`)."""
     documents, references = self._dev_pairs()
     hyps = self.summarizer(params).summarize(documents)
     metrics = {**rouge(hyps, references), **self.baselines,
                'rouge_examples': float(len(documents))}
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, PREDICTIONS_FILE), 'w', encoding='utf-8') as f:
+        for doc, ref, hyp in zip(documents, references, hyps):
+          f.write(json.dumps({'document': doc, 'reference': ref, 'summary': hyp},
+                             ensure_ascii=False) + '\n')
     k = self.lead_k
     samples = [f'  doc: {doc[:300]}\n  ref: {ref}\n  hyp: {hyp}\n  lead-{k}: '
                f'{lead_words(doc, k)}'
@@ -248,28 +263,30 @@ class Summarizer:
   """
 
   def __init__(self, model_config: TransformerConfig, params: PyTree, tokenizer: Tokenizer,
-               *, config=None, max_source_len: Optional[int] = None,
-               max_decode_len: Optional[int] = None, batch_size: Optional[int] = None,
-               search: Optional[SearchConfig] = None):
-    e = config.eval if config is not None else None
-    get = lambda value, field, default: (value if value is not None else
-                                         e.get(field, default) if e is not None else default)
+               *, config=None, max_source_len: int | None = None,
+               max_decode_len: int | None = None, batch_size: int | None = None,
+               search: SearchConfig | None = None):
+    e = config.eval if config is not None else {}
     if max_source_len is None:
       max_source_len = (config.data.max_source_len if config is not None
                         else model_config.max_len)
+    if max_decode_len is None:
+      max_decode_len = e.get('max_decode_len', 32)
+    if batch_size is None:
+      batch_size = e.get('decode_batch_size', 32)
     self.max_source_len = min(int(max_source_len), model_config.max_len)
-    decode_len = min(int(get(max_decode_len, 'max_decode_len', 32)), model_config.max_len)
-    self.translator = Translator(model_config, params, tokenizer, max_decode_len=decode_len,
-                                 batch_size=int(get(batch_size, 'decode_batch_size', 32)))
+    self.translator = Translator(model_config, params, tokenizer,
+                                 max_decode_len=min(int(max_decode_len), model_config.max_len),
+                                 batch_size=int(batch_size))
     if search is None:
-      beam = int(get(None, 'beam_size', 4))
-      search = (SearchConfig('beam', beam_size=beam, alpha=float(get(None, 'alpha', 0.6)))
+      beam = int(e.get('beam_size', 4))
+      search = (SearchConfig('beam', beam_size=beam, alpha=float(e.get('alpha', 0.6)))
                 if beam > 1 else SearchConfig('greedy'))
     self.search = search
     self.tokenizer = tokenizer
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: Optional[int] = None, **kwargs) -> 'Summarizer':
+  def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> Summarizer:
     """Loads checkpoint ``step`` (default: the newest readable) of a training run dir;
     keyword arguments go to the constructor."""
     from flaxformer_mini import checkpoints  # pylint: disable=import-outside-toplevel
@@ -283,22 +300,21 @@ class Summarizer:
     except ValueError as e:
       raise ValueError(f'{os.path.abspath(workdir)!r}: {e}') from None
 
+  def encode(self, documents: Sequence[str]) -> list[np.ndarray | None]:
+    """Source ids of ``documents`` as training sees them: each cut to its first
+    ``max_source_len`` tokens (no EOS); None for an empty (whitespace) document."""
+    if isinstance(documents, str):
+      raise TypeError('Summarizer takes a list of documents, got a single str')
+    nonempty = [i for i, doc in enumerate(documents) if doc.strip()]
+    encoded: list[np.ndarray | None] = [None] * len(documents)
+    for i, ids in zip(nonempty, self.tokenizer.encode([documents[i] for i in nonempty])):
+      encoded[i] = ids[:self.max_source_len]
+    return encoded
+
   def summarize(self, documents: Sequence[str]) -> list[str]:
     """Summaries of ``documents`` (same length and order; empty in, empty out).
 
-    Each document is cut to its first ``max_source_len`` tokens, as in training; the
-    search is ``self.search`` through the `Translator`'s length-bucketed batches.
+    Each document is cut as `encode` says, then decoded with ``self.search`` by
+    `Translator.translate_encoded` (length-bucketed batches, the evaluation's path).
     """
-    if isinstance(documents, str):
-      raise TypeError('summarize takes a list of documents, got a single str')
-    nonempty = [i for i, doc in enumerate(documents) if doc.strip()]
-    encoded: list[Optional[np.ndarray]] = [None] * len(documents)
-    for i, ids in zip(nonempty, self.tokenizer.encode([documents[i] for i in nonempty])):
-      encoded[i] = ids[:self.max_source_len]
-    out = [''] * len(documents)
-    base_rng = jax.random.PRNGKey(self.search.seed)
-    for n, (idx, inputs) in enumerate(self.translator.batches(encoded)):
-      seqs, _ = self.translator.search_ids(inputs, self.search, jax.random.fold_in(base_rng, n))
-      for i, text in zip(idx, self.tokenizer.decode(np.asarray(seqs)[:len(idx)])):
-        out[i] = text
-    return out
+    return self.translator.translate_encoded(self.encode(documents), self.search)
