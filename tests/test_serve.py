@@ -1,0 +1,407 @@
+"""flaxformer_mini.serve: the batcher alone; the real server process on a tiny trained run
+(concurrent requests equal `Translator`, bad requests get 4xx and never fail a burst's good
+ones, a disconnected client is skipped, SIGTERM drains and exits 0); the summarization and
+classification endpoints served in-process, against `Summarizer` and `Classifier`."""
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+from flaxformer_mini import checkpoints, serve, translate
+from flaxformer_mini.data.tokenized import file_sha256
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ['O certificado diverge.', 'Eu gosto de gatos.', 'A casa é muito grande e bonita.',
+           'Obrigado.', 'Nós vamos para a escola amanhã de manhã.', 'Bom dia.',
+           'A chave pública não foi encontrada.', 'Abrir o ficheiro.']
+MAX_BATCH = 8
+SERVER_FLAGS = [f'--max_batch={MAX_BATCH}', '--max_wait_ms=20', '--max_texts=8',
+                '--max_chars=300', '--max_lens=4', '--max_searches=6']
+
+
+def _post(port, body, path='/v1/translate', timeout=120):
+  """(status, parsed JSON) of a POST; body: dict or raw bytes."""
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  req = urllib.request.Request(f'http://127.0.0.1:{port}{path}', data=data,
+                               headers={'content-type': 'application/json'})
+  try:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def _get(port, path):
+  with urllib.request.urlopen(f'http://127.0.0.1:{port}{path}', timeout=30) as r:
+    return json.loads(r.read())
+
+
+def _wait_for(port, field, at_least=1, timeout=60):
+  """Polls /healthz until ``field`` (queued, running) reaches ``at_least``."""
+  deadline = time.time() + timeout
+  while _get(port, '/healthz')[field] < at_least:
+    assert time.time() < deadline, f'/healthz {field} stayed below {at_least}'
+    time.sleep(0.005)
+
+
+# ------------------------------------------------------------------------------ batcher
+
+
+def test_batcher_groups_by_key_and_maps_results_back():
+  batches = []
+  release = threading.Event()
+
+  def run(key, items):
+    release.wait(10)
+    batches.append((key, list(items)))
+    return [f'{key}:{x}' for x in items]
+
+  batcher = serve.DynamicBatcher(run, max_batch=4, max_wait_ms=0)
+  try:
+    first = batcher.submit('a', [0])  # occupies the worker until released
+    while batcher.queued:
+      time.sleep(0.001)
+    jobs = [batcher.submit(k, xs) for k, xs in
+            [('a', [1, 2]), ('b', [3]), ('a', [4]), ('a', [5, 6]), ('b', [7]), ('a', [8])]]
+    gone = batcher.submit('a', [9])
+    assert gone.cancel()  # a client that left before its batch started
+    solo = batcher.submit('b', [10], alone=True)
+    release.set()
+    assert first.result(10) == ['a:0']
+    assert [f.result(10) for f in jobs] == [['a:1', 'a:2'], ['b:3'], ['a:4'], ['a:5', 'a:6'],
+                                            ['b:7'], ['a:8']]
+    assert solo.result(10) == ['b:10']
+  finally:
+    batcher.close(10)
+  # Oldest first; same-key requests join up to max_batch items; 'alone' never joins.
+  assert batches == [('a', [0]), ('a', [1, 2, 4]), ('b', [3, 7]), ('a', [5, 6, 8]),
+                     ('b', [10])]
+  assert batcher.abandoned == 1
+  with pytest.raises(serve.RequestError, match='shutting down'):
+    batcher.submit('a', [1])
+
+
+def test_batcher_close_finishes_queued_requests_and_bounds_the_queue():
+  release = threading.Event()
+  batcher = serve.DynamicBatcher(lambda key, items: release.wait(10) and [2 * x for x in items],
+                                 max_batch=2, max_wait_ms=0, max_queue=5)
+  jobs = [batcher.submit(None, [0])]
+  while batcher.queued:  # the worker holds the first request
+    time.sleep(0.001)
+  jobs += [batcher.submit(None, [i, i]) for i in (1, 2)]
+  with pytest.raises(serve.RequestError, match='max_queue=5') as e:
+    batcher.submit(None, [3, 3])
+  assert e.value.status == 503
+  timer = threading.Timer(0.2, release.set)  # closing starts while two requests are queued
+  timer.start()
+  try:
+    batcher.close(10)
+  finally:
+    timer.cancel()
+  assert [f.result(0) for f in jobs] == [[0], [2, 2], [4, 4]]
+
+
+# ------------------------------------------------------------------- the server process
+
+
+def _start(run_dir, log_path, *flags):
+  """The server process on a free port; returns (process, port) once it listens."""
+  cmd = [sys.executable, '-m', 'flaxformer_mini.serve', f'--workdir={run_dir}', '--port=0',
+         *flags]
+  with open(log_path, 'w') as log:  # a file, not a pipe: the server never blocks on its log
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      with open(log_path) as f:
+        text = f.read()
+      if ' on http://127.0.0.1:' in text:
+        return proc, int(text.split(' on http://127.0.0.1:')[1].split('/')[0])
+      if proc.poll() is not None:
+        raise AssertionError(f'server exited with {proc.returncode}: {text[-3000:]}')
+      time.sleep(0.2)
+    raise AssertionError(f'server did not come up in 300 s: {text[-3000:]}')
+  except BaseException:
+    _stop(proc)
+    raise
+
+
+def _stop(proc):
+  if proc.poll() is None:
+    proc.kill()
+  proc.wait(30)
+
+
+@pytest.fixture(scope='module')
+def server(smoke_run_dir, tmp_path_factory):
+  proc, port = _start(smoke_run_dir, tmp_path_factory.mktemp('serve') / 'server.log',
+                      *SERVER_FLAGS, '--warmup=greedy')
+  try:
+    yield port
+  finally:
+    _stop(proc)
+
+
+@pytest.fixture(scope='module')
+def translator(smoke_run_dir):
+  return translate.Translator.from_workdir(smoke_run_dir, batch_size=MAX_BATCH)
+
+
+@pytest.mark.slow
+def test_concurrent_single_sentences_equal_translator(server, translator):
+  want = translator.translate(SOURCES, translate.SearchConfig('greedy'))
+  before = _get(server, '/healthz')
+  with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
+    results = list(pool.map(lambda s: _post(server, {'texts': [s], 'beam_size': 1}), SOURCES))
+  assert [status for status, _ in results] == [200] * len(SOURCES)
+  assert [body['translations'] for _, body in results] == [[w] for w in want]
+  after = _get(server, '/healthz')
+  # The 8 requests shared batches, in shapes --warmup=greedy compiled at start-up.
+  assert after['batches_run'] - before['batches_run'] < len(SOURCES)
+  assert after['compiled'] == before['compiled']
+
+
+@pytest.mark.slow
+def test_beam_sampling_and_max_len_equal_translator(server, translator):
+  texts = SOURCES[:3] + ['']
+  status, body = _post(server, {'texts': texts})  # the default search: beam 4, alpha 0.6
+  assert status == 200 and (body['method'], body['beam_size'], body['alpha']) == ('beam', 4, 0.6)
+  assert body['translations'] == translator.translate(texts)
+  sample = dict(temperature=0.8, top_k=20, top_p=0.9, seed=3)
+  status, body = _post(server, {'texts': texts, 'sample': True, **sample})
+  assert status == 200 and body['method'] == 'sample'
+  assert body['translations'] == translator.translate(
+      texts, translate.SearchConfig('sample', **sample))
+  status, body = _post(server, {'texts': texts, 'beam_size': 1, 'max_len': 4})
+  short = translate.Translator(translator.model_config, translator.params,
+                               translator.tokenizer, max_decode_len=4, batch_size=MAX_BATCH)
+  assert status == 200 and body['max_len'] == 4
+  assert body['translations'] == short.translate(texts, translate.SearchConfig('greedy'))
+
+
+LONG = ' '.join(['Nós vamos para a escola amanhã.'] * 8)  # > 32 tokens, < 300 characters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('body, status, message', [
+    (b'', 422, 'body'),
+    (b'{"texts": ', 422, 'JSON'),
+    ({'texts': 'Bom dia.'}, 422, 'texts: Input should be a valid list'),
+    ({'texts': [1, 2]}, 422, 'texts.0'),
+    ({'texts': []}, 422, 'texts is empty'),
+    ({'texts': ['a'] * 9}, 413, 'max_texts=8'),
+    ({'texts': ['a' * 301]}, 413, 'max_chars=300'),
+    ({'texts': ['Olá.', LONG]}, 413, 'texts[1] has'),
+    ({'texts': ['Olá.'], 'beam': 4}, 422, 'beam: Extra inputs'),
+    ({'texts': ['Olá.'], 'beam_size': 0}, 422, 'beam_size'),
+    ({'texts': ['Olá.'], 'beam_size': '4'}, 422, 'beam_size'),
+    ({'texts': ['Olá.'], 'alpha': float('nan')}, 422, 'alpha'),
+    ({'texts': ['Olá.'], 'max_len': 1000}, 422, 'max_len=1000 is not served'),
+    ({'texts': ['Olá.'], 'top_p': 0.5}, 422, 'top_p applies only with "sample": true'),
+    ({'texts': ['Olá.'], 'sample': True, 'beam_size': 2}, 422, 'beam_size does not apply'),
+    ({'texts': ['Olá.'], 'sample': True, 'top_p': 0}, 422, 'top_p'),
+    ({'texts': ['Olá.'], 'sample': True, 'top_k': 100000}, 422, 'top_k=100000 exceeds'),
+    ({'texts': ['Olá.'], 'sample': True, 'seed': -1}, 422, 'seed'),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, message):
+  got, reply = _post(server, body)
+  assert got == status, reply
+  assert message in reply['error'], reply
+  ok, reply = _post(server, {'texts': ['Bom dia.'], 'beam_size': 1})
+  assert ok == 200 and len(reply['translations']) == 1
+
+
+@pytest.mark.slow
+def test_one_bad_request_in_a_burst_does_not_fail_the_others(server, translator):
+  want = translator.translate(SOURCES, translate.SearchConfig('greedy'))
+  good = [{'texts': [s], 'beam_size': 1} for s in SOURCES]
+  bad = [{'texts': [LONG], 'beam_size': 1}, {'texts': ['Olá.', 7], 'beam_size': 1},
+         {'texts': ['Olá.'], 'beam_size': 1, 'max_len': 5}]
+  burst = good[:3] + bad[:1] + good[3:6] + bad[1:] + good[6:]
+  with concurrent.futures.ThreadPoolExecutor(len(burst)) as pool:
+    results = list(pool.map(lambda b: _post(server, b), burst))
+  is_bad = [b in bad for b in burst]
+  assert [r for r, x in zip(results, is_bad) if not x] == [(200, r[1]) for r, x in
+                                                           zip(results, is_bad) if not x]
+  assert [r[1]['translations'] for r, x in zip(results, is_bad) if not x] == [[w] for w in want]
+  assert [r[0] for r, x in zip(results, is_bad) if x] == [413, 422, 422]
+
+
+@pytest.mark.slow
+def test_model_info_and_other_endpoints(server, translator, smoke_run_dir):
+  info = _get(server, '/v1/model')
+  assert (info['task'], info['endpoint'], info['checkpoint_step']) == (
+      'translation', '/v1/translate', 40)
+  assert info['model']['vocab_size'] == translator.model_config.vocab_size
+  assert info['tokenizer_sha256'] == file_sha256(os.path.join(smoke_run_dir, 'spm.model'))
+  assert (info['max_batch'], info['max_lens'], info['limits']['max_texts']) == (8, [4, 8], 8)
+  status, reply = _post(server, {'texts': ['Bom dia.']}, path='/v1/summarize')
+  assert status == 404 and 'needs a summarization run' in reply['error']
+  assert 'POST /v1/translate' in reply['error']
+  status, reply = _post(server, {'texts': ['Bom dia.']}, path='/v1/classify')
+  assert status == 404 and 'needs a classification run' in reply['error']
+  status, reply = _post(server, {'texts': ['Bom dia.']}, path='/v2/translate')
+  assert status == 404 and 'no endpoint /v2/translate' in reply['error']
+
+
+@pytest.mark.slow
+def test_disconnected_client_is_skipped_and_the_queue_goes_on(server, translator):
+  before = _get(server, '/healthz')['abandoned']
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  blocker = pool.submit(_post, server, {'texts': SOURCES, 'beam_size': 3, 'alpha': 1.0})
+  try:
+    _wait_for(server, 'running')  # the blocker compiles its search: the worker is busy
+    payload = json.dumps({'texts': SOURCES[:2], 'beam_size': 1}).encode()
+    with socket.create_connection(('127.0.0.1', server)) as s:
+      s.sendall(b'POST /v1/translate HTTP/1.1\r\nHost: x\r\n'
+                b'Content-Type: application/json\r\nContent-Length: %d\r\n\r\n'
+                % len(payload) + payload)
+      _wait_for(server, 'queued')  # then hang up before the answer
+    assert blocker.result(120)[0] == 200
+  finally:
+    pool.shutdown()
+  status, body = _post(server, {'texts': SOURCES[:2], 'beam_size': 1})
+  assert status == 200
+  assert body['translations'] == translator.translate(SOURCES[:2],
+                                                      translate.SearchConfig('greedy'))
+  assert _get(server, '/healthz')['abandoned'] == before + 1
+
+
+@pytest.mark.slow
+def test_search_settings_are_bounded(server):
+  # The module's server allows 6 (search, max_len) settings; the tests before use 5.
+  replies = [_post(server, {'texts': ['Olá.'], 'beam_size': 2, 'alpha': a})
+             for a in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)]
+  statuses = [s for s, _ in replies]
+  assert 422 in statuses and statuses == sorted(statuses)  # once refused, always refused
+  assert 'max_searches=6' in replies[-1][1]['error'], replies[-1]
+  assert _post(server, {'texts': ['Olá.'], 'beam_size': 1})[0] == 200  # known: still served
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_then_exits_0(smoke_run_dir, tmp_path):
+  proc, port = _start(smoke_run_dir, tmp_path / 'server.log', *SERVER_FLAGS, '--warmup=none')
+  try:
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+      futures = [pool.submit(_post, port, {'texts': SOURCES, 'sample': True})
+                 for _ in range(6)]  # sampling runs alone: the first compiles, five wait
+      _wait_for(port, 'queued', 3)
+      proc.send_signal(signal.SIGTERM)
+      results = [f.result(timeout=300) for f in futures]
+    assert [status for status, _ in results] == [200] * 6
+    assert proc.wait(120) == 0
+    with pytest.raises(urllib.error.URLError, match='Connection refused'):
+      _get(port, '/healthz')
+  finally:
+    _stop(proc)
+
+
+def test_runs_of_other_tasks_are_refused(tmp_path, capsys):
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump({'task': 'lm'}, f)
+  assert serve.main([f'--workdir={tmp_path}']) == 2
+  assert "is a 'lm' run; the server serves ['classification', 'summarization', " \
+         "'translation'] runs" in capsys.readouterr().err
+  assert serve.main([f'--workdir={tmp_path}/nothing']) == 2
+  assert 'config.json' in capsys.readouterr().err
+
+
+# --------------------------------------------------- other tasks, served in-process
+
+
+@contextlib.contextmanager
+def _serving(service, max_batch):
+  """Serves ``service`` from this process on a free port; stops it on every outcome."""
+  batcher = serve.DynamicBatcher(service.run, max_batch=max_batch, max_wait_ms=20)
+  server = serve.make_server(
+      serve.create_app(service, batcher, serve.model_info(service, batcher, '.', 0)),
+      '127.0.0.1', 0)
+  thread = None
+  try:
+    thread, port = serve.start_server(server)
+    yield port
+  finally:
+    server.should_exit = True
+    if thread is not None:
+      thread.join(60)
+    batcher.close(60)
+
+
+@pytest.mark.slow
+def test_summarize_endpoint_equals_summarizer(smoke_run_dir):
+  from flaxformer_mini.config import TransformerConfig
+  from flaxformer_mini.tasks.summarization import Summarizer
+  config, params, tokenizer = checkpoints.load_for_inference(smoke_run_dir)
+  config.task = 'summarization'
+  config.data.max_source_len = 6  # cuts the longer documents, as in training
+  config.eval.beam_size, config.eval.max_decode_len = 2, 8
+  summarizer = Summarizer(TransformerConfig.from_dict(config.model), params, tokenizer,
+                          config=config, batch_size=4)
+  service = serve.summarization_service(summarizer, max_batch=4)
+  documents = [SOURCES[4] + ' ' + SOURCES[2], SOURCES[1], '', SOURCES[6]]
+  with _serving(service, 4) as port:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      results = list(pool.map(lambda d: _post(port, {'texts': [d]}, '/v1/summarize'),
+                              documents))
+    assert [s for s, _ in results] == [200] * 4
+    assert [b['summaries'][0] for _, b in results] == summarizer.summarize(documents)
+    assert (results[0][1]['method'], results[0][1]['beam_size']) == ('beam', 2)
+    info = _get(port, '/v1/model')
+    assert (info['task'], info['max_source_len']) == ('summarization', 6)
+    status, reply = _post(port, {'texts': ['Bom dia.']})
+    assert status == 404 and 'holds a summarization run' in reply['error']
+
+
+def _tiny_classifier(tmp_path):
+  from flaxformer_mini.data import wordpiece
+  from flaxformer_mini.tasks.classification import Classifier, TextClassifier
+  from flaxformer_mini.variants import bert
+  words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', 'cat', 'dog', 'sat', 'on',
+           'mat', 'a', 'good', 'bad', 'film', '.']
+  (tmp_path / 'vocab.txt').write_text('\n'.join(words) + '\n')
+  tokenizer = wordpiece.WordPiece.from_file(str(tmp_path / 'vocab.txt'))
+  cfg = bert.BertConfig.from_dict({'encoder': dict(
+      vocab_size=len(words), d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
+      max_len=16), 'num_labels': 3})
+  ids = np.zeros((1, 16), np.int32)
+  params = TextClassifier(cfg).init(jax.random.key(0), ids, ids + 1)['params']
+  return Classifier(cfg, 'cls', params, tokenizer, ['neg', 'neutral', 'pos'], max_len=16,
+                    batch_size=4, bucket=8)
+
+
+@pytest.mark.slow
+def test_classify_endpoint_equals_classifier(tmp_path):
+  classifier = _tiny_classifier(tmp_path)
+  service = serve.ClassificationService(classifier)
+  texts = ['the cat sat on the mat .', 'a good film', 'a bad film .', 'the dog',
+           'the dog sat on a mat and the cat sat on the dog .']
+  want = classifier.classify(texts)
+  with _serving(service, 4) as port:
+    with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
+      results = list(pool.map(lambda t: _post(port, {'texts': [t]}, '/v1/classify'), texts))
+    assert [s for s, _ in results] == [200] * len(texts)
+    got = [b['predictions'][0] for _, b in results]
+    assert [g['label'] for g in got] == [w.label for w in want]
+    np.testing.assert_allclose([list(g['probabilities'].values()) for g in got],
+                               [list(w.probabilities.values()) for w in want], atol=1e-5)
+    status, reply = _post(port, {'texts': ['a good film', ' ']}, '/v1/classify')
+    assert status == 422 and 'texts[1] is empty' in reply['error']
+    status, reply = _post(port, {'texts': ['a'], 'beam_size': 1}, '/v1/classify')
+    assert status == 422 and 'beam_size' in reply['error']
+    info = _get(port, '/v1/model')
+    assert (info['task'], info['labels']) == ('classification', ['neg', 'neutral', 'pos'])
+    status, reply = _post(port, {'texts': ['Bom dia.']})
+    assert status == 404 and 'holds a classification run' in reply['error']
