@@ -111,7 +111,7 @@ def test_bad_question_stops_naming_json_path_and_id(tmp_path, doc, why):
   with pytest.raises(records.BadRowError) as e:
     read(path, 'stop')
   qid = 'q1' if 'repeats' in why else 'b'
-  assert f'{path} line data[0].paragraphs[1].qas[0] (id {qid}): ' in str(e.value)
+  assert f'{path} data[0].paragraphs[1].qas[0] (id {qid}): ' in str(e.value)
   assert why in str(e.value)
 
 
@@ -125,7 +125,7 @@ def test_bad_question_skipped_keeps_the_good_ones(tmp_path, doc, why):
 
 def test_question_without_id_is_bad(tmp_path):
   doc = _bad({'question': 'x?', 'answers': [{'text': 'In', 'answer_start': START}]})
-  with pytest.raises(records.BadRowError, match=r'line data\[0\]\.paragraphs\[1\]\.qas\[0\]: '
+  with pytest.raises(records.BadRowError, match=r'json data\[0\]\.paragraphs\[1\]\.qas\[0\]: '
                      r'no "id"'):
     read(write(tmp_path, 'bad.json', doc))
 

@@ -276,15 +276,17 @@ class WindowConfig:
 
   def __post_init__(self):
     if self.max_query_len < 1 or self.doc_stride < 1:
-      raise ValueError(f'data.max_query_len={self.max_query_len} and data.doc_stride='
-                       f'{self.doc_stride} must be >= 1')
+      raise ValueError(f'config.data.max_query_len={self.max_query_len} and '
+                       f'config.data.doc_stride={self.doc_stride} must be >= 1')
     if self.max_seq_len < self.max_query_len + 4:
-      raise ValueError(f'data.max_seq_len={self.max_seq_len} leaves no room for context after '
-                       f'a question of data.max_query_len={self.max_query_len} tokens')
+      raise ValueError(f'config.data.max_seq_len={self.max_seq_len} leaves no room for context '
+                       f'after a question of config.data.max_query_len={self.max_query_len} '
+                       'tokens')
     if self.doc_stride > self.max_seq_len - self.max_query_len - 3:
-      raise ValueError(f'data.doc_stride={self.doc_stride} is longer than a window '
-                       f'({self.max_seq_len - self.max_query_len - 3} context tokens for a '
-                       f'max_query_len={self.max_query_len} question): context would be skipped')
+      raise ValueError(f'config.data.doc_stride={self.doc_stride} is longer than a window '
+                       f'({self.max_seq_len - self.max_query_len - 3} context tokens after a '
+                       f'config.data.max_query_len={self.max_query_len} question): context '
+                       'would be skipped')
 
 
 @dataclasses.dataclass(frozen=True)
