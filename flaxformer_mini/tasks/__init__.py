@@ -6,6 +6,8 @@
     classification  BERT/MiniLM text classifier on user tables, accuracy, macro-F1
                     (classification.py)
     summarization  seq2seq Transformer on a document/summary table, ROUGE  (summarization.py)
+    distill      a small translation student from a teacher run (word/sequence KD)
+                 (distill.py)
     qa           BERT/MiniLM extractive QA on SQuAD v1.1 JSON, EM/F1       (qa.py)
 
 Every task module imports only `flaxformer_mini.tasks.base`; this file imports them and
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from flaxformer_mini.tasks.base import Batch, PyTree, Task, TaskFactory
 from flaxformer_mini.tasks.classification import ClassificationTask
+from flaxformer_mini.tasks.distill import DistillationTask
 from flaxformer_mini.tasks.lm import LMTask
 from flaxformer_mini.tasks.qa import QATask
 from flaxformer_mini.tasks.summarization import SummarizationTask
@@ -35,6 +38,7 @@ BUILTIN_TASKS: dict[str, TaskFactory] = {
     'vit_digits': ViTDigitsTask,
     'classification': ClassificationTask,
     'summarization': SummarizationTask,
+    'distill': DistillationTask,
     'qa': QATask,
 }
 _REGISTRY: dict[str, TaskFactory] = dict(BUILTIN_TASKS)
