@@ -4,7 +4,8 @@
 
 Transformer-small (pre-LN, d_model 256, 3+3 layers, 8k SentencePiece vocabulary trained on
 both columns), documents cut to 128 tokens and summaries to 32; dev ROUGE-1/2/L with beam 4
-beside the lead baselines (docs/summarization.md). configs/summarize_debian_t5.py is the
+beside the lead baselines, every dev summary in <workdir>/dev_predictions.jsonl
+(docs/summarization.md). configs/summarize_debian_t5.py is the
 same run with the T5 v1.1 model. Your own table:
 
     --config.data.source=files --config.data.train_file=a.tsv --config.data.eval_file=b.tsv
@@ -33,7 +34,8 @@ def get_config():
                  num_encoder_layers=3, num_decoder_layers=3, max_len=128, dropout_rate=0.1)
   c.batch_size = 64
   c.batch_chunks = 8                  # CPU: loss over 8 x 8 rows per step, same gradient
-  c.num_train_steps = 1200
+  c.num_train_steps = 900             # with setup and the final beam evaluation, a 60-minute
+                                      # CPU run (docs/summarization.md, 'Time budget')
   c.log_every = 25
   c.eval_every = 250
   c.checkpoint_every = 250
