@@ -23,7 +23,8 @@ its config.eval search); ``beam_size: 1`` is greedy. ``GET /healthz`` and ``GET 
 Dynamic batching (`DynamicBatcher`): each request is validated and tokenized on arrival (a
 bad one gets a 4xx of its own and never joins a batch), then queued. One worker thread takes
 the oldest request and every queued request with the same options, up to ``--max_batch``
-texts or until ``--max_wait_ms`` has passed since the oldest arrived, and runs them together;
+texts or until ``--max_wait_ms`` has passed since the oldest arrived or the previous batch
+ended (whichever is later: the clients just answered can join), and runs them together;
 translation and summarization go through `Translator.translate_encoded`, i.e. the power-of-two
 buckets of offline translation, which start-up compiles (``--warmup``), so a burst of
 single-sentence requests compiles nothing new. Sampling requests run alone, so a seed gives
@@ -110,12 +111,14 @@ class DynamicBatcher:
     run: ``run(key, items) -> results``, one result per item, for items of requests that
       share ``key`` (their search options); called on the worker thread only.
     max_batch: most items run together (a larger single request runs alone, whole).
-    max_wait_ms: how long the oldest queued request waits for company.
+    max_wait_ms: how long the oldest queued request waits for company once the worker is
+      free (counted from the later of its arrival and the end of the previous batch, so the
+      clients just answered can send their next request in time to join).
     max_queue: most items waiting; `submit` refuses more with a 503.
   """
 
   def __init__(self, run: Callable[[Hashable, list], list], *, max_batch: int = 32,
-               max_wait_ms: float = 5.0, max_queue: int = Limits.max_queue):
+               max_wait_ms: float = 10.0, max_queue: int = Limits.max_queue):
     if max_batch < 1:
       raise ValueError(f'max_batch={max_batch} must be >= 1')
     if max_wait_ms < 0:
@@ -127,6 +130,7 @@ class DynamicBatcher:
     self._closed = False
     self.batches_run = self.items_run = self.abandoned = 0
     self.running = 0  # items of the batch being run
+    self._free_since = 0.0  # when the last batch ended (time.monotonic)
     self._thread = threading.Thread(target=self._loop, name='batcher', daemon=True)
     self._thread.start()
 
@@ -168,7 +172,7 @@ class DynamicBatcher:
       if not self._jobs:
         return None
       first = self._jobs[0]
-      deadline = first.arrived + self.max_wait
+      deadline = max(first.arrived, self._free_since) + self.max_wait
       while True:
         same = [j for j in self._jobs if j.group == first.group]
         remaining = deadline - time.monotonic()
@@ -209,6 +213,7 @@ class DynamicBatcher:
       for job in started:
         job.future.set_result(results[start:start + len(job.items)])
         start += len(job.items)
+      self._free_since = time.monotonic()
 
 
 # ------------------------------------------------------------------------------ services
@@ -671,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--host', default='127.0.0.1')
   parser.add_argument('--port', type=int, default=8000, help='0 = any free port')
   parser.add_argument('--max_batch', type=int, default=32, help='texts decoded together')
-  parser.add_argument('--max_wait_ms', type=float, default=5.0,
+  parser.add_argument('--max_wait_ms', type=float, default=10.0,
                       help='how long the oldest queued request waits for company')
   parser.add_argument('--max_texts', type=int, default=Limits.max_texts)
   parser.add_argument('--max_chars', type=int, default=Limits.max_chars)

@@ -94,6 +94,33 @@ def test_batcher_groups_by_key_and_maps_results_back():
     batcher.submit('a', [1])
 
 
+def test_batcher_waits_for_the_clients_it_just_answered():
+  # b arrives while a runs, and waits longer than max_wait; c is sent once a is answered.
+  batches = []
+  release = threading.Event()
+
+  def run(key, items):
+    batches.append(items)
+    if items == ['a']:
+      release.wait(10)
+    return items
+
+  batcher = serve.DynamicBatcher(run, max_batch=4, max_wait_ms=300)
+  try:
+    a = batcher.submit(None, ['a'])
+    while not batcher.running:
+      time.sleep(0.001)
+    b = batcher.submit(None, ['b'])
+    time.sleep(0.4)
+    release.set()
+    assert a.result(10) == ['a']
+    c = batcher.submit(None, ['c'])
+    assert (b.result(10), c.result(10)) == (['b'], ['c'])
+  finally:
+    batcher.close(10)
+  assert batches == [['a'], ['b', 'c']]
+
+
 def test_batcher_close_finishes_queued_requests_and_bounds_the_queue():
   release = threading.Event()
   batcher = serve.DynamicBatcher(lambda key, items: release.wait(10) and [2 * x for x in items],
