@@ -213,7 +213,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of '
                      f'batch_chunks={config.batch_chunks} x {parts} row blocks')
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  init_state = lambda: training.TrainState.create(task.init_params(init_rng), tx, train_rng)
+  loss_scale = training.make_loss_scale(config)
+  init_state = lambda: training.TrainState.create(task.init_params(init_rng), tx, train_rng,
+                                                  loss_scale)
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep, keep_best=config.keep_best,
                                   async_save=config.async_checkpointing)
   restored = ckpt.restore_latest(
@@ -288,6 +290,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         scalars = training.summarize(sums, 'train/')
         scalars['train/grad_norm'] = float(sums['grad_norm']) / n_micro  # mean, not per-token
         scalars['learning_rate'] = float(schedule(step - 1))
+        if dstate.loss_scale is not None:  # float16: the dynamic loss scale now
+          scalars['train/loss_scale'] = float(
+              jnp.ravel(jax.device_get(dstate.loss_scale.scale))[0])
         scalars['tokens_per_s'] = scalars['train/tokens'] / max(dt, 1e-9)
         bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
                         tok_s=f"{scalars['tokens_per_s']:.0f}", refresh=False)

@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
                                       # state (after changing optimizer settings)
   c.start_over_if_unreadable = False  # every checkpoint unreadable: move them to corrupt/
                                       # and start at step 0 instead of stopping
+  c.loss_scale = 'auto'               # 'auto' (dynamic when model.dtype='float16') |
+                                      # 'dynamic' | 'none' (training.LossScale)
+  c.loss_scale_period = 2000          # finite steps before the loss scale doubles
   c.nonfinite = 'stop'                # NaN/inf loss or gradient: 'stop' (state untouched,
                                       # exit naming the step) | 'skip' the update, count it
 

@@ -213,6 +213,7 @@ def state_shardings(state: PyTree, mesh: Mesh, rules: Mapping[str, tuple[str, ..
 
   return state.replace(
       step=replicated, rng=replicated,
+      loss_scale=jax.tree_util.tree_map(lambda _: replicated, state.loss_scale),
       params=jax.tree_util.tree_map_with_path(
           lambda p, x: by_path[tuple(path_str(p).split('/'))][1], state.params),
       opt_state=jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state))

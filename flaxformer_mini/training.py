@@ -55,24 +55,72 @@ PARALLEL = ('mesh', 'jit', 'pmap')
 
 
 @struct.dataclass
+class LossScale:
+  """Dynamic loss scaling for float16 training (Micikevicius et al. 2018, "Mixed Precision
+  Training").
+
+  The loss is multiplied by ``scale`` before differentiation so small float16 gradients
+  do not flush to zero, and the gradients are divided by it afterwards. A step whose
+  gradients overflow (inf/NaN) is skipped and halves the scale; ``period`` finite steps
+  in a row double it. Kept in `TrainState`, so it is checkpointed and resumed.
+  """
+  scale: jax.Array        # float32 scalar
+  good_steps: jax.Array   # int32 scalar: finite steps since the last change
+  period: int = struct.field(pytree_node=False, default=2000)
+  factor: float = struct.field(pytree_node=False, default=2.0)
+
+  @classmethod
+  def create(cls, initial: float = 2.0 ** 15, period: int = 2000, factor: float = 2.0
+             ) -> 'LossScale':
+    if not (initial >= 1 and period >= 1 and factor > 1):
+      raise ValueError(f'loss scale initial={initial} (>= 1), period={period} (>= 1) and '
+                       f'factor={factor} (> 1) are out of range')
+    return cls(scale=jnp.asarray(initial, jnp.float32), good_steps=jnp.zeros((), jnp.int32),
+               period=int(period), factor=float(factor))
+
+  def adjust(self, finite: jax.Array) -> 'LossScale':
+    """The next scale after a step whose gradients were ``finite`` (bool scalar)."""
+    grow = finite & (self.good_steps + 1 >= self.period)
+    scale = jnp.where(finite, jnp.where(grow, self.scale * self.factor, self.scale),
+                      jnp.maximum(self.scale / self.factor, 1.0))
+    good = jnp.where(finite & ~grow, self.good_steps + 1, 0)
+    return self.replace(scale=scale, good_steps=good.astype(jnp.int32))
+
+
+@struct.dataclass
 class TrainState:
   """Everything a training run carries from step to step (and into checkpoints).
 
-  step:      int32 scalar, number of `train_step` calls (micro-batches) so far.
-  params:    model parameters.
-  opt_state: optax state (includes the MultiSteps accumulator).
-  rng:       uint32[2] base key; step keys are ``fold_in(rng, step)``.
+  step:       int32 scalar, number of `train_step` calls (micro-batches) so far.
+  params:     model parameters.
+  opt_state:  optax state (includes the MultiSteps accumulator).
+  rng:        uint32[2] base key; step keys are ``fold_in(rng, step)``.
+  loss_scale: `LossScale` for float16 compute, else None (no leaf: the state of a
+              float32/bfloat16 run has exactly the fields above).
   """
   step: jax.Array
   params: PyTree
   opt_state: PyTree
   rng: jax.Array
+  loss_scale: Optional[LossScale] = None
 
   @classmethod
-  def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array
-             ) -> 'TrainState':
+  def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
+             loss_scale: Optional[LossScale] = None) -> 'TrainState':
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-               rng=rng)
+               rng=rng, loss_scale=loss_scale)
+
+
+def make_loss_scale(config) -> Optional[LossScale]:
+  """``config.loss_scale``: 'auto' (dynamic when ``config.model.dtype`` is float16) |
+  'dynamic' | 'none'; ``config.loss_scale_period`` finite steps between doublings."""
+  kind = config.get('loss_scale', 'auto')
+  if kind not in ('auto', 'dynamic', 'none'):
+    raise ValueError(f"config.loss_scale={kind!r} is not one of ('auto', 'dynamic', 'none')")
+  dtype = str(config.get('model', {}).get('dtype', 'float32'))
+  if kind == 'dynamic' or (kind == 'auto' and dtype == 'float16'):
+    return LossScale.create(period=config.get('loss_scale_period', 2000))
+  return None
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -287,6 +335,8 @@ def summarize(sums: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
   for k, v in sums.items():
     if k == 'nonfinite':
       out[prefix + 'skipped_steps'] = v
+    elif k == 'overflow':
+      out[prefix + 'overflow_steps'] = v
     elif k == 'weight':
       out[prefix + 'tokens'] = v
     elif k == 'correct':
@@ -346,6 +396,9 @@ def validate_config(config) -> None:
   check('eval.decode_batch_size', lambda x: is_int(x) and x >= 1, 'an integer >= 1')
   check('parallel', lambda x: x in PARALLEL, f'one of {PARALLEL}')
   check('nonfinite', lambda x: x in ('stop', 'skip'), "one of 'stop', 'skip'")
+  check('loss_scale', lambda x: x in ('auto', 'dynamic', 'none'),
+        "one of 'auto', 'dynamic', 'none'")
+  check('loss_scale_period', lambda x: is_int(x) and x >= 1, 'an integer >= 1')
   check('optimizer.schedule', lambda x: x in ('rsqrt', 'cosine', 'constant'),
         "one of 'rsqrt', 'cosine', 'constant'")
   if 'optimizer' in config and config.optimizer.get('schedule') == 'rsqrt':
@@ -415,16 +468,23 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
     (new state, metric sums over the global batch plus ``grad_norm``, the global
     norm of the normalised gradient before clipping, and ``nonfinite``: 1.0 if the
     loss, the gradient or the update was NaN/inf, in which case params and optimizer state are left
-    as they were and the other metrics are 0).
+    as they were and the other metrics are 0). With ``state.loss_scale`` (float16) the loss
+    is scaled before differentiation and the gradients unscaled after; a non-finite step
+    is then an ``overflow`` (skipped, scale halved) unless the scale is already 1.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+  scaler = state.loss_scale
 
   def objective(params):
-    return chunked_loss(loss_fn, params, batch, rng, batch_chunks)
+    loss, metrics = chunked_loss(loss_fn, params, batch, rng, batch_chunks)
+    scaled = loss * scaler.scale if scaler is not None else loss
+    return scaled, (loss, metrics)
 
-  (loss_sum, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  (_, (loss_sum, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  if scaler is not None:
+    grads = jax.tree_util.tree_map(lambda g: g / scaler.scale.astype(g.dtype), grads)
   if axis_name is not None:
     grads, metrics, loss_sum = lax.psum((grads, metrics, loss_sum), axis_name)
   weight = metrics['weight']
@@ -440,8 +500,16 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
   params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
   metrics = jax.tree_util.tree_map(lambda m: jnp.where(finite, m, jnp.zeros_like(m)),
                                    dict(metrics, grad_norm=grad_norm))
-  metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  bad = 1.0 - finite.astype(jnp.float32)
+  if scaler is None:
+    metrics['nonfinite'] = bad
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  # Under loss scaling a non-finite step is an overflow: skipped, the scale halves. Only
+  # once the scale is down to 1 is it a real divergence for the host to stop on.
+  metrics['overflow'] = bad * (scaler.scale > 1.0)
+  metrics['nonfinite'] = bad * (scaler.scale <= 1.0)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       loss_scale=scaler.adjust(finite)), metrics
 
 
 def eval_step(params: PyTree, batch: Batch, *, loss_fn: LossFn,
