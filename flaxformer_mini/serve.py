@@ -614,8 +614,9 @@ def create_app(service, batcher: DynamicBatcher, info: dict) -> fastapi.FastAPI:
       await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
       gone.cancel()
-    if not waiter.done():  # the client left: the worker skips the request if not started
-      waiter.cancel()
+      if not waiter.done():  # the client left, or the drain timed out: skipped if not started
+        waiter.cancel()
+    if waiter.cancelled():
       return fastapi.Response(status_code=499)
     try:
       results = waiter.result()
