@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 DRAIN_S = 60          # how long SIGTERM waits for in-flight requests
 MAX_BEAM = 16
 MAX_SEED = 2 ** 31 - 1
-WARMUP_TEXT = 'Bom dia.'
+WARMUP_TEXT = 'Bom dia.'  # any text: warm-up repeats its tokens to each bucket's length
 
 
 class RequestError(ValueError):
@@ -683,7 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--max_chars', type=int, default=Limits.max_chars)
   parser.add_argument('--max_queue', type=int, default=Limits.max_queue)
   parser.add_argument('--max_lens', default='',
-                      help='comma-separated max_len values served besides the run default')
+                      help='comma-separated max_len values served besides the run default '
+                           '(compiled on first use; --warmup covers the default)')
   parser.add_argument('--max_searches', type=int, default=16,
                       help='most distinct (search, max_len) settings compiled')
   parser.add_argument('--warmup', default='default',

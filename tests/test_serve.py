@@ -336,6 +336,32 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(smoke_run_dir, tmp_path)
     _stop(proc)
 
 
+def test_load_newest_skips_unreadable_checkpoints(tmp_path):
+  for name in ('10', '20', '30', '40.orbax-checkpoint-tmp-1'):  # 40 is still being written
+    (tmp_path / 'checkpoints' / name).mkdir(parents=True)
+  calls = []
+
+  def load(workdir, step, **kwargs):
+    calls.append(step)
+    if step == 30:
+      raise RuntimeError('no readable checkpoint')
+    return kwargs
+
+  assert serve.load_newest(load, str(tmp_path), None, batch_size=4) == ({'batch_size': 4}, 20)
+  assert calls == [30, 20]
+  assert serve.load_newest(load, str(tmp_path), 10) == ({}, 10)
+  with pytest.raises(FileNotFoundError, match='no finished checkpoint'):
+    serve.load_newest(load, str(tmp_path / 'nothing'), None)
+
+
+def _fake_run(path, task, predictor_class, predictor, monkeypatch):
+  """A run dir whose loader returns ``predictor``: load_service's routing, no training."""
+  (path / 'checkpoints' / '7').mkdir(parents=True)
+  (path / 'config.json').write_text(json.dumps({'task': task}))
+  monkeypatch.setattr(predictor_class, 'from_workdir',
+                      classmethod(lambda cls, workdir, step, **kwargs: predictor))
+
+
 def test_runs_of_other_tasks_are_refused(tmp_path, capsys):
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump({'task': 'lm'}, f)
@@ -368,7 +394,7 @@ def _serving(service, max_batch):
 
 
 @pytest.mark.slow
-def test_summarize_endpoint_equals_summarizer(smoke_run_dir):
+def test_summarize_endpoint_equals_summarizer(smoke_run_dir, tmp_path, monkeypatch):
   from flaxformer_mini.config import TransformerConfig
   from flaxformer_mini.tasks.summarization import Summarizer
   config, params, tokenizer = checkpoints.load_for_inference(smoke_run_dir)
@@ -377,7 +403,9 @@ def test_summarize_endpoint_equals_summarizer(smoke_run_dir):
   config.eval.beam_size, config.eval.max_decode_len = 2, 8
   summarizer = Summarizer(TransformerConfig.from_dict(config.model), params, tokenizer,
                           config=config, batch_size=4)
-  service = serve.summarization_service(summarizer, max_batch=4)
+  _fake_run(tmp_path, 'summarization', Summarizer, summarizer, monkeypatch)
+  service, step = serve.load_service(str(tmp_path), max_batch=4)
+  assert (service.task, service.path, step) == ('summarization', '/v1/summarize', 7)
   documents = [SOURCES[4] + ' ' + SOURCES[2], SOURCES[1], '', SOURCES[6]]
   with _serving(service, 4) as port:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -410,9 +438,12 @@ def _tiny_classifier(tmp_path):
 
 
 @pytest.mark.slow
-def test_classify_endpoint_equals_classifier(tmp_path):
+def test_classify_endpoint_equals_classifier(tmp_path, monkeypatch):
+  from flaxformer_mini.tasks.classification import Classifier
   classifier = _tiny_classifier(tmp_path)
-  service = serve.ClassificationService(classifier)
+  _fake_run(tmp_path / 'run', 'classification', Classifier, classifier, monkeypatch)
+  service, step = serve.load_service(str(tmp_path / 'run'), max_batch=4)
+  assert (service.task, service.path, step) == ('classification', '/v1/classify', 7)
   texts = ['the cat sat on the mat .', 'a good film', 'a bad film .', 'the dog',
            'the dog sat on a mat and the cat sat on the dog .']
   want = classifier.classify(texts)
