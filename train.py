@@ -164,8 +164,9 @@ def train_iterator(task, config, fns):
 
 
 def dev_metrics(task, fns, dstate) -> dict:
-  from flaxformer_mini import training
   import jax
+
+  from flaxformer_mini import training
   sums = None
   params = fns.get_params(dstate)
   for batch in task.eval_batches():
@@ -179,6 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   import jax
   import jax.numpy as jnp
   from tqdm import tqdm
+
   from flaxformer_mini import checkpoints, runtime, sharding, tasks, training
 
   if not workdir or not str(workdir).strip():

@@ -18,7 +18,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from a checkout without `pip install -e .`
@@ -39,7 +40,7 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
-def cpu_flags() -> List[str]:
+def cpu_flags() -> list[str]:
   """The SIMD flags that matter for float32 matmul speed."""
   try:
     with open("/proc/cpuinfo") as f:
@@ -52,11 +53,11 @@ def cpu_flags() -> List[str]:
   return []
 
 
-def _version(module: str) -> Optional[str]:
+def _version(module: str) -> str | None:
   try:
     mod = __import__(module)
     return getattr(mod, "__version__", "?")
-  except Exception:  # noqa: BLE001 - a missing peer library is reported, not fatal
+  except Exception:
     return None
 
 
@@ -71,7 +72,7 @@ def huge_pages(enabled: bool) -> None:
     os.environ[runtime.OPT_OUT] = "0"
 
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
   """CPU model, visible cores, load average, library versions and relevant env vars."""
   from flaxformer_mini import runtime
   info = {
@@ -94,7 +95,7 @@ def machine_info() -> Dict[str, Any]:
   return info
 
 
-def print_header(title: str, info: Dict[str, Any], config: Dict[str, Any]) -> None:
+def print_header(title: str, info: dict[str, Any], config: dict[str, Any]) -> None:
   print(f"=== {title} ===")
   print(f"cpu:      {info['cpu_model']}  ({info['usable_cores']} usable / "
         f"{info['logical_cores']} logical cores; flags {','.join(info['cpu_flags'])})")
@@ -112,7 +113,7 @@ def print_header(title: str, info: Dict[str, Any], config: Dict[str, Any]) -> No
 # ----------------------------------------------------------------------------- timing
 
 
-def summarize(times: List[float]) -> Dict[str, float]:
+def summarize(times: list[float]) -> dict[str, float]:
   """Median, interquartile range (q1, q3, q3 - q1), min, max and count of ``times`` (s)."""
   if not times:
     raise ValueError("no timings to summarize")
@@ -132,15 +133,15 @@ def time_call(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - t0
 
 
-def interleaved(systems: Dict[str, Callable[[], Any]], *, rounds: int,
-                steps_per_round: int, log: bool = True) -> Dict[str, List[float]]:
+def interleaved(systems: dict[str, Callable[[], Any]], *, rounds: int,
+                steps_per_round: int, log: bool = True) -> dict[str, list[float]]:
   """Times every system ``rounds x steps_per_round`` times, round-robin by round.
 
   Each value of ``systems`` runs one synchronised step. Interleaving rounds
   (A A A, B B B, C C C, A A A, ...) spreads a shared machine's load swings over
   all systems instead of penalising whichever happens to run during a busy spell.
   """
-  times: Dict[str, List[float]] = {name: [] for name in systems}
+  times: dict[str, list[float]] = {name: [] for name in systems}
   for r in range(rounds):
     for name, step in systems.items():
       round_times = [time_call(step) for _ in range(steps_per_round)]
@@ -155,7 +156,7 @@ def interleaved(systems: Dict[str, Callable[[], Any]], *, rounds: int,
 # ----------------------------------------------------------------------------- peak
 
 
-def jax_matmul_peak(n: int = 1024, repeats: int = 20, chain: int = 4) -> Dict[str, float]:
+def jax_matmul_peak(n: int = 1024, repeats: int = 20, chain: int = 4) -> dict[str, float]:
   """Best float32 matmul rate of JAX on this machine, FLOP/s.
 
   One jitted call runs ``chain`` dependent n x n x n matmuls (``2 n^3`` FLOPs each,
@@ -180,7 +181,7 @@ def jax_matmul_peak(n: int = 1024, repeats: int = 20, chain: int = 4) -> Dict[st
           "best_call_s": best, "repeats": repeats}
 
 
-def torch_matmul_peak(n: int = 1024, repeats: int = 20, chain: int = 4) -> Dict[str, float]:
+def torch_matmul_peak(n: int = 1024, repeats: int = 20, chain: int = 4) -> dict[str, float]:
   """Best float32 matmul rate of PyTorch (same scheme as `jax_matmul_peak`)."""
   import torch
   a = torch.randn(n, n)
@@ -202,7 +203,7 @@ def torch_matmul_peak(n: int = 1024, repeats: int = 20, chain: int = 4) -> Dict[
 # ----------------------------------------------------------------------------- output
 
 
-def write_json(path: Optional[str], result: Dict[str, Any]) -> None:
+def write_json(path: str | None, result: dict[str, Any]) -> None:
   if not path:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

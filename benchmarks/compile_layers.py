@@ -18,13 +18,13 @@ import platform
 import statistics
 import time
 
-import common  # noqa: E402  (also puts the repo root on sys.path)
-import flax  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import common
+import flax
+import jax
+import jax.numpy as jnp
 
-from flaxformer_mini.config import TransformerConfig  # noqa: E402
-from flaxformer_mini.models import DecoderOnlyLM  # noqa: E402
+from flaxformer_mini.config import TransformerConfig
+from flaxformer_mini.models import DecoderOnlyLM
 
 
 def model_config(num_layers: int, scan: bool, remat: str) -> TransformerConfig:
@@ -75,7 +75,7 @@ def main() -> None:
       lower = statistics.median(r[0] for r in runs)
       comp = statistics.median(r[1] for r in runs)
       total = statistics.median(r[0] + r[1] for r in runs)
-      print(f"{num_layers:>6} {str(scan):>5} {lower:>8.2f} {comp:>9.2f} {total:>8.2f}",
+      print(f"{num_layers:>6} {scan!s:>5} {lower:>8.2f} {comp:>9.2f} {total:>8.2f}",
             flush=True)
 
 

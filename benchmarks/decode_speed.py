@@ -28,8 +28,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (also puts the repo root on sys.path)
-from train_throughput import BOS_ID, EOS_ID, MODEL, PAD_ID, marian_config  # noqa: E402
+import common
+from train_throughput import BOS_ID, EOS_ID, MODEL, PAD_ID, marian_config
 
 DECODE = dict(batch_size=8, src_len=64, new_tokens=64, beam_size=4)
 NEVER_EMITTED_EOS = -1  # outside [0, vocab): our searches can never finish early
@@ -46,6 +46,7 @@ def make_ours(inputs: np.ndarray):
   """Returns {name: step} for our greedy and beam-4 decodes (whole decode jitted)."""
   import jax
   import jax.numpy as jnp
+
   from flaxformer_mini import Transformer, TransformerConfig, decoding, seq2seq_decoding_fns
   from flaxformer_mini.models import STATIC_CACHE_KEYS
 

@@ -24,13 +24,13 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-from flaxformer_mini import models, sharding, training  # noqa: E402
-from flaxformer_mini.config import TransformerConfig  # noqa: E402
+from flaxformer_mini import models, sharding, training
+from flaxformer_mini.config import TransformerConfig
 
 MODELS = {
     'pt_en': dict(vocab_size=8000, d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,

@@ -36,9 +36,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from train_throughput import BATCH, MODEL, PAD_ID, BOS_ID, ADAM, make_batch  # noqa: E402
-from decode_speed import DECODE, NEVER_EMITTED_EOS, make_inputs  # noqa: E402
+import common
+from decode_speed import DECODE, NEVER_EMITTED_EOS, make_inputs
+from train_throughput import ADAM, BATCH, BOS_ID, MODEL, PAD_ID, make_batch
 
 
 def _timed(step):
@@ -54,6 +54,7 @@ def train_variants(names):
   import jax.numpy as jnp
   import ml_collections
   import optax
+
   from flaxformer_mini import Transformer, TransformerConfig, training
 
   batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
@@ -101,6 +102,7 @@ def decode_variants(names):
   import jax
   import jax.numpy as jnp
   from jax import lax
+
   from flaxformer_mini import Transformer, TransformerConfig, decoding, seq2seq_decoding_fns
 
   model = Transformer(TransformerConfig(**MODEL))

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (also puts the repo root on sys.path)
+import common
 
 # The fixed benchmark configuration (do not change without renaming the benchmark).
 MODEL = dict(vocab_size=8192, d_model=256, num_heads=4, d_ff=1024,
@@ -114,6 +114,7 @@ def make_ours(batch: dict, impl: str = "auto", batch_chunks: int = 4):
   """
   import jax
   import jax.numpy as jnp
+
   from flaxformer_mini import Transformer, TransformerConfig
 
   cfg = TransformerConfig(**MODEL)
@@ -325,8 +326,8 @@ def make_hf(batch: dict):
 def make_torch(batch: dict, threads: int):
   """torch.nn.Transformer (post-LN, ReLU) + tied embedding/output projection, Adam."""
   import torch
-  from torch import nn
   import torch.nn.functional as F
+  from torch import nn
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)

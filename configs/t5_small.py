@@ -9,9 +9,9 @@ relative position bias (32 buckets, max distance 128, shared per stack), unscale
 attention, gated-GELU feed-forward, no biases, shared unscaled embedding, untied output.
 """
 
-from configs import common
-
 import ml_collections
+
+from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -11,7 +11,8 @@ Masks are boolean, ``True`` where attention is allowed, and broadcastable to
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ Dtype = Any
 # ---------------------------------------------------------------------------
 
 
-def padding_mask(query_valid: Array, key_valid: Optional[Array] = None) -> Array:
+def padding_mask(query_valid: Array, key_valid: Array | None = None) -> Array:
   """Mask from per-token validity.
 
   Args:
@@ -44,7 +45,7 @@ def padding_mask(query_valid: Array, key_valid: Optional[Array] = None) -> Array
                          key_valid.astype(bool)[:, None, None, :])
 
 
-def causal_mask(length: int, kv_length: Optional[int] = None) -> Array:
+def causal_mask(length: int, kv_length: int | None = None) -> Array:
   """Lower-triangular mask: query i may attend to keys j <= i.
 
   Returns:
@@ -56,7 +57,7 @@ def causal_mask(length: int, kv_length: Optional[int] = None) -> Array:
   return (k <= q)[None, None]
 
 
-def segment_mask(query_segments: Array, key_segments: Optional[Array] = None) -> Array:
+def segment_mask(query_segments: Array, key_segments: Array | None = None) -> Array:
   """Mask for packed sequences: attend only within the same non-zero segment.
 
   Args:
@@ -74,7 +75,7 @@ def segment_mask(query_segments: Array, key_segments: Optional[Array] = None) ->
   return jnp.logical_and(same, real)
 
 
-def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
+def combine_masks(*masks: Array | None) -> Array | None:
   """Logical AND of the given masks, ignoring ``None``; None if all are None."""
   masks = [m for m in masks if m is not None]
   if not masks:
@@ -85,8 +86,8 @@ def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
   return out
 
 
-def encoder_self_attention_mask(valid: Optional[Array] = None,
-                                segmentation: Optional[Array] = None) -> Array:
+def encoder_self_attention_mask(valid: Array | None = None,
+                                segmentation: Array | None = None) -> Array:
   """Bidirectional self-attention mask of a (possibly packed) sequence.
 
   Args:
@@ -104,8 +105,8 @@ def encoder_self_attention_mask(valid: Optional[Array] = None,
   return padding_mask(valid)
 
 
-def decoder_self_attention_mask(valid: Optional[Array] = None,
-                                segmentation: Optional[Array] = None) -> Array:
+def decoder_self_attention_mask(valid: Array | None = None,
+                                segmentation: Array | None = None) -> Array:
   """`encoder_self_attention_mask` AND causal: position i reads positions j <= i.
 
   Args:
@@ -119,9 +120,9 @@ def decoder_self_attention_mask(valid: Optional[Array] = None,
   return jnp.logical_and(causal_mask(base.shape[-1]), base)
 
 
-def cross_attention_mask(decoder_valid: Optional[Array], encoder_valid: Array, *,
-                         decoder_segmentation: Optional[Array] = None,
-                         encoder_segmentation: Optional[Array] = None) -> Array:
+def cross_attention_mask(decoder_valid: Array | None, encoder_valid: Array, *,
+                         decoder_segmentation: Array | None = None,
+                         encoder_segmentation: Array | None = None) -> Array:
   """Which source tokens each decoder position may read.
 
   Args:
@@ -164,12 +165,12 @@ def dot_product_attention(
     query: Array,
     key: Array,
     value: Array,
-    mask: Optional[Array] = None,
-    bias: Optional[Array] = None,
+    mask: Array | None = None,
+    bias: Array | None = None,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     dropout_rate: float = 0.0,
-    dropout_rng: Optional[Array] = None,
+    dropout_rng: Array | None = None,
     deterministic: bool = True,
     return_weights: bool = False,
     dropout_impl: str = "hash",
@@ -244,7 +245,7 @@ def dot_product_attention(
 # ---------------------------------------------------------------------------
 
 
-def fold_beams_into_queries(query: Array, kv_rows: int) -> Tuple[Array, int]:
+def fold_beams_into_queries(query: Array, kv_rows: int) -> tuple[Array, int]:
   """[kv_rows * beams, q_len, heads, d] -> ([kv_rows, beams * q_len, heads, d], beams)."""
   rows = query.shape[0]
   if rows % kv_rows:
@@ -254,7 +255,7 @@ def fold_beams_into_queries(query: Array, kv_rows: int) -> Tuple[Array, int]:
   return query.reshape((kv_rows, group * query.shape[1]) + query.shape[2:]), group
 
 
-def unfold_beams(out: Array, weights: Array, rows: int) -> Tuple[Array, Array]:
+def unfold_beams(out: Array, weights: Array, rows: int) -> tuple[Array, Array]:
   """Inverse of `fold_beams_into_queries` on the attention output and weights.
 
   Args:
@@ -297,16 +298,16 @@ class MultiHeadAttention(nn.Module):
   """
 
   num_heads: int
-  num_kv_heads: Optional[int] = None
-  head_dim: Optional[int] = None
-  out_features: Optional[int] = None
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  out_features: int | None = None
   use_bias: bool = True
   fused_qkv: bool = False
   dropout_rate: float = 0.0
   dropout_impl: str = "hash"
   rotary: bool = False
   rotary_base: float = 10000.0
-  attention_scale: Optional[float] = None
+  attention_scale: float | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
@@ -314,11 +315,11 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self,
                inputs_q: Array,
-               inputs_kv: Optional[Array] = None,
-               mask: Optional[Array] = None,
-               bias: Optional[Array] = None,
+               inputs_kv: Array | None = None,
+               mask: Array | None = None,
+               bias: Array | None = None,
                *,
-               positions: Optional[Array] = None,
+               positions: Array | None = None,
                deterministic: bool = True,
                decode: bool = False,
                return_weights: bool = False):
@@ -379,7 +380,7 @@ class MultiHeadAttention(nn.Module):
         name="out")(out)
     return (out, weights) if return_weights else out
 
-  def _head_sizes(self, d_in: int) -> Tuple[int, int]:
+  def _head_sizes(self, d_in: int) -> tuple[int, int]:
     """(head_dim, kv_heads), checked against the input width ``d_in``."""
     if self.head_dim is None and d_in % self.num_heads:
       raise ValueError(f"d_model={d_in} is not divisible by num_heads={self.num_heads}")
@@ -388,13 +389,13 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}")
     return self.head_dim or d_in // self.num_heads, kv_heads
 
-  def _dense(self, features: Tuple[int, int], name: str) -> nn.Module:
+  def _dense(self, features: tuple[int, int], name: str) -> nn.Module:
     """A [d_in] -> [heads, head_dim] projection named ``name``."""
     return nn.DenseGeneral(features=features, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
 
-  def _project_qkv(self, inputs_q: Array, inputs_kv: Optional[Array], head_dim: int,
-                   kv_heads: int) -> Tuple[Array, Array, Array]:
+  def _project_qkv(self, inputs_q: Array, inputs_kv: Array | None, head_dim: int,
+                   kv_heads: int) -> tuple[Array, Array, Array]:
     """Queries [batch, q_len, heads, head_dim], keys/values [batch, kv_len, kv_heads, head_dim].
 
     Kernels ``query``/``key``/``value``; with ``fused_qkv`` one ``qkv`` kernel for
@@ -413,8 +414,8 @@ class MultiHeadAttention(nn.Module):
       value = self._dense((kv_heads, head_dim), "value")(kv_in)
     return query, key, value
 
-  def _rotate(self, query: Array, key: Array, positions: Optional[Array],
-              decode: bool) -> Tuple[Array, Array]:
+  def _rotate(self, query: Array, key: Array, positions: Array | None,
+              decode: bool) -> tuple[Array, Array]:
     """RoPE on query/key [batch, len, heads, head_dim] at ``positions`` [batch, len].
 
     Default positions: the cache index on a decode step, else 0..len-1.
@@ -428,9 +429,9 @@ class MultiHeadAttention(nn.Module):
     return (positions_lib.apply_rotary(query, positions, self.rotary_base),
             positions_lib.apply_rotary(key, positions, self.rotary_base))
 
-  def _attend(self, query: Array, key: Array, value: Array, mask: Optional[Array],
-              bias: Optional[Array], deterministic: bool, *,
-              fold_beams: bool) -> Tuple[Array, Array]:
+  def _attend(self, query: Array, key: Array, value: Array, mask: Array | None,
+              bias: Array | None, deterministic: bool, *,
+              fold_beams: bool) -> tuple[Array, Array]:
     """`dot_product_attention` with this module's scale and dropout.
 
     ``fold_beams``: a cross-attention cache of fewer rows than the queries serves
@@ -453,7 +454,7 @@ class MultiHeadAttention(nn.Module):
       out, weights = unfold_beams(out, weights, rows)
     return out, weights
 
-  def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
+  def _update_cache(self, key: Array, value: Array, mask: Array | None):
     """Writes one step's key/value at ``cache_index``; returns the full cache.
 
     key/value: [batch, 1, kv_heads, head_dim] on a step; the full-length

@@ -44,7 +44,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +187,7 @@ def leaf_shapes(tree: PyTree) -> dict[str, tuple]:
   return {path_str(path): tuple(getattr(x, 'shape', np.shape(x))) for path, x in flat}
 
 
-def first_difference(saved: dict[str, tuple], current: dict[str, tuple]) -> Optional[str]:
+def first_difference(saved: dict[str, tuple], current: dict[str, tuple]) -> str | None:
   """The first (sorted) state path that is missing on one side or has another shape."""
   for key in sorted(set(saved) | set(current)):
     if key not in saved:
@@ -211,7 +211,7 @@ def config_differences(saved: dict, current: dict, prefix: str = '') -> dict[str
   return out
 
 
-def finite_metric(meta: Optional[dict]) -> Optional[float]:
+def finite_metric(meta: dict | None) -> float | None:
   """``meta['metrics'][BEST_METRIC]`` if it is a finite number, else None."""
   value = ((meta or {}).get('metrics') or {}).get(BEST_METRIC)
   try:
@@ -272,7 +272,7 @@ class Checkpointer:
     self.run_dir = os.path.abspath(run_dir)
     self.directory = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
     self.keep, self.keep_best = keep, keep_best
-    self._metrics: dict[int, Optional[float]] = {}
+    self._metrics: dict[int, float | None] = {}
     # Retention is ours (`prune`): orbax's BestN ranks by metrics it does not reload
     # after a restart, and it ranks NaN as best.
     options = ocp.CheckpointManagerOptions(
@@ -282,10 +282,10 @@ class Checkpointer:
 
   # -- save ----------------------------------------------------------------------------
 
-  def save(self, step: int, state: PyTree, *, data_state: Optional[dict], config,
-           assets: Optional[dict[str, str]] = None, task: str = '',
-           metrics: Optional[dict[str, float]] = None,
-           extra_meta: Optional[dict] = None) -> None:
+  def save(self, step: int, state: PyTree, *, data_state: dict | None, config,
+           assets: dict[str, str] | None = None, task: str = '',
+           metrics: dict[str, float] | None = None,
+           extra_meta: dict | None = None) -> None:
     """Saves ``state`` (host arrays, unreplicated) as checkpoint ``step``.
 
     Args:
@@ -318,7 +318,7 @@ class Checkpointer:
           force=True)
     self._metrics[int(step)] = finite_metric(meta)
 
-  def _writing(self, step: Optional[int]):
+  def _writing(self, step: int | None):
     """Context that turns ENOSPC (however deeply orbax wraps it) into a first-line message."""
     checkpointer = self
 
@@ -350,7 +350,7 @@ class Checkpointer:
     self.prune()
     self.manager.close()
 
-  def metric(self, step: int) -> Optional[float]:
+  def metric(self, step: int) -> float | None:
     """The finite ``BEST_METRIC`` stored with ``step`` (None if absent/non-finite)."""
     if step not in self._metrics:
       try:
@@ -380,11 +380,11 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, target: PyTree, *, expect_model: Optional[dict] = None,
-                     config: Optional[dict] = None, params_only: bool = False,
-                     tx: Optional[optax.GradientTransformation] = None,
+  def restore_latest(self, target: PyTree, *, expect_model: dict | None = None,
+                     config: dict | None = None, params_only: bool = False,
+                     tx: optax.GradientTransformation | None = None,
                      start_over: bool = False
-                     ) -> Optional[tuple[int, PyTree, dict, dict]]:
+                     ) -> tuple[int, PyTree, dict, dict] | None:
     """Restores the newest readable checkpoint into the structure of ``target``.
 
     Unreadable checkpoints (missing/truncated files) are reported with
@@ -503,7 +503,7 @@ def _check_same_model(saved: dict, current: dict, step: int, directory: str) -> 
                      'or the same config.model')
 
 
-def _changed_fields(saved: dict, current: Optional[dict]) -> dict[str, tuple]:
+def _changed_fields(saved: dict, current: dict | None) -> dict[str, tuple]:
   if current is None:
     return {}
   diff = config_differences(saved, current)
@@ -518,7 +518,7 @@ def _first_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- inference
 
 
-def load_run(run_dir: str, step: Optional[int] = None, *, with_meta: bool = False):
+def load_run(run_dir: str, step: int | None = None, *, with_meta: bool = False):
   """Loads any task's trained run for inference, onto one device.
 
   Args:
@@ -550,7 +550,7 @@ def load_run(run_dir: str, step: Optional[int] = None, *, with_meta: bool = Fals
   return (config, params, assets, meta) if with_meta else (config, params, assets)
 
 
-def _restore_for_inference(run_dir: str, step: Optional[int]):
+def _restore_for_inference(run_dir: str, step: int | None):
   """-> (config, params on one device, meta dict, step) of the chosen checkpoint."""
   run_dir = os.path.abspath(run_dir)
   ckpt_dir = os.path.join(run_dir, CHECKPOINT_SUBDIR)
@@ -591,7 +591,7 @@ def _restore_for_inference(run_dir: str, step: Optional[int]):
   return ml_collections.ConfigDict(restored['config']), params, restored['meta'], s
 
 
-def load_for_inference(run_dir: str, step: Optional[int] = None):
+def load_for_inference(run_dir: str, step: int | None = None):
   """Loads what a decode CLI needs from a run directory.
 
   Args:

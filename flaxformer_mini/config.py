@@ -7,7 +7,8 @@ turns their ``model`` block into this dataclass and rejects unknown keys.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -37,11 +38,11 @@ class TransformerConfig:
   """
 
   vocab_size: int = 32000
-  output_vocab_size: Optional[int] = None      # default: vocab_size
+  output_vocab_size: int | None = None         # default: vocab_size
   d_model: int = 512
   num_heads: int = 8
-  num_kv_heads: Optional[int] = None           # grouped-query attention; default num_heads
-  head_dim: Optional[int] = None               # default d_model // num_heads
+  num_kv_heads: int | None = None              # grouped-query attention; default num_heads
+  head_dim: int | None = None                  # default d_model // num_heads
   d_ff: int = 2048
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
@@ -54,7 +55,7 @@ class TransformerConfig:
   norm_placement: str = "post"                 # "post" (paper) or "pre"
   norm_kind: str = "layernorm"                 # or "rmsnorm"
   norm_eps: float = 1e-5
-  final_norm: Optional[bool] = None            # norm after each stack; default: pre-LN only
+  final_norm: bool | None = None               # norm after each stack; default: pre-LN only
   position_kind: str = "sinusoidal"            # sinusoidal | learned | rotary | relative | none
   rotary_base: float = 10000.0
   relative_num_buckets: int = 32
@@ -66,9 +67,9 @@ class TransformerConfig:
   share_embeddings: bool = True                # encoder and decoder share the input embedding
   tie_output: bool = True                      # logits = decoder output · embeddingᵀ
   scale_embeddings: bool = True                # multiply embeddings by sqrt(d_model)
-  embedding_init_std: Optional[float] = None   # default d_model^-0.5 if scale_embeddings else 1.0
+  embedding_init_std: float | None = None      # default d_model^-0.5 if scale_embeddings else 1.0
   scale_tied_logits: bool = False              # T5: decoder output * d_model^-0.5 before tied logits
-  attention_scale: Optional[float] = None      # default 1/sqrt(head_dim); T5 uses 1.0
+  attention_scale: float | None = None         # default 1/sqrt(head_dim); T5 uses 1.0
   pad_id: int = 0
   # Memory / compile-time knobs of the core Encoder/Decoder stacks (models.py):
   remat: str = "none"                          # none | full (save nothing) | dots (save matmuls)
@@ -112,11 +113,11 @@ class TransformerConfig:
   def use_final_norm(self) -> bool:
     return self.norm_placement == "pre" if self.final_norm is None else self.final_norm
 
-  def replace(self, **changes) -> "TransformerConfig":
+  def replace(self, **changes) -> TransformerConfig:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "TransformerConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> TransformerConfig:
     """Builds a config from a mapping (e.g. ``config.model`` of a ConfigDict).
 
     dtypes may be given as strings ("bfloat16"). Unknown keys are an error.

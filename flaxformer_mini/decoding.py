@@ -50,7 +50,8 @@ also covers flax WMT's "no finished hypothesis -> return live beams" fallback).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,7 @@ def check_token_ids(ids, vocab_size: int, what: str = "ids") -> None:
                      f"token id of this model: ids must be in [0, vocab_size={vocab_size})")
 
 
-def host_ids(ids) -> Optional[np.ndarray]:
+def host_ids(ids) -> np.ndarray | None:
   """ids as a NumPy array, or None when they are traced (inside someone's ``jit``)."""
   try:
     return np.asarray(ids)
@@ -209,7 +210,7 @@ def _token_by_token(tokens_to_logits, init_cache, choose, *, batch_size,
 
 def greedy_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
                   batch_size: int, max_decode_len: int, bos_id: int, eos_id: int,
-                  pad_id: int = 0, prompt: Optional[Array] = None,
+                  pad_id: int = 0, prompt: Array | None = None,
                   allow_bos: bool = False) -> Array:
   """Picks the most probable token at every step (never ``pad_id``, nor ``bos_id``
   unless ``allow_bos``; see the module docstring).
@@ -255,7 +256,7 @@ def top_p_filter(logits: Array, p: float) -> Array:
 
 def sample(tokens_to_logits: TokensToLogits, init_cache: PyTree, rng: Array, *,
            batch_size: int, max_decode_len: int, bos_id: int, eos_id: int,
-           pad_id: int = 0, prompt: Optional[Array] = None, temperature: float = 1.0,
+           pad_id: int = 0, prompt: Array | None = None, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, allow_bos: bool = False) -> Array:
   """Ancestral sampling with temperature, then top-k, then top-p filtering.
 
@@ -334,7 +335,7 @@ def _gather_flat_cache(cache: PyTree, idx: Array, static_keys=()) -> PyTree:
 def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
                 batch_size: int, beam_size: int, max_decode_len: int, bos_id: int,
                 eos_id: int, pad_id: int = 0, alpha: float = 0.6, num_return: int = 1,
-                prompt: Optional[Array] = None,
+                prompt: Array | None = None,
                 static_cache_keys: tuple[str, ...] = (),
                 allow_bos: bool = False) -> tuple[Array, Array]:
   """Beam search with finished-hypothesis bookkeeping and a GNMT length penalty.

@@ -20,7 +20,6 @@ and two call sites collide only if their seeds do (probability 2**-64 per pair).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +65,7 @@ def keep_mask(key: Array, shape: tuple[int, ...], rate: float, impl: str = "hash
   return hash_bits(key, shape) >= jnp.uint32(threshold)
 
 
-def dropout(x: Array, key: Optional[Array], rate: float, *, impl: str = "hash",
+def dropout(x: Array, key: Array | None, rate: float, *, impl: str = "hash",
             deterministic: bool = False) -> Array:
   """Inverted dropout: zero elements with probability ``rate``, scale the rest by 1/(1-rate).
 

@@ -25,7 +25,8 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,7 @@ def _sequences(params, inputs, *, model_config, max_decode_len, search):
 
 def write_export(translator: translate.Translator, out_dir: str, *,
                  beam: translate.SearchConfig = translate.SearchConfig('beam'),
-                 platforms: Sequence[str] = ('cpu',), source: Optional[dict] = None) -> str:
+                 platforms: Sequence[str] = ('cpu',), source: dict | None = None) -> str:
   """Writes the export directory (module docstring) and returns its path.
 
   The directory is written under a temporary name and renamed at the end, so a failed
@@ -104,7 +105,7 @@ def write_export(translator: translate.Translator, out_dir: str, *,
   return out_dir
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m flaxformer_mini.export',
                                    description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True, help='training run directory')

@@ -9,7 +9,7 @@ Every layer takes activations ``x: [batch, length, d_model]`` and the shared
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,7 @@ class InputEmbedding(nn.Module):
   embed: nn.Module
 
   @nn.compact
-  def __call__(self, ids: Array, positions: Optional[Array] = None, *,
+  def __call__(self, ids: Array, positions: Array | None = None, *,
                deterministic: bool = True) -> Array:
     """ids: [batch, length] int, checked by the calling stack; positions: [batch, length] (default 0..length-1).
 
@@ -120,8 +120,8 @@ class EncoderLayer(nn.Module):
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Optional[Array] = None, bias: Optional[Array] = None,
-               positions: Optional[Array] = None, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, mask: Array | None = None, bias: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True) -> Array:
     """x: [batch, length, d_model]; mask/bias broadcastable to [batch, heads, length, length].
 
     positions: [batch, length] (RoPE). Every argument may be positional: `remat_layer`
@@ -146,9 +146,9 @@ class DecoderLayer(nn.Module):
   cross: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Optional[Array] = None, self_mask: Optional[Array] = None,
-               cross_mask: Optional[Array] = None, self_bias: Optional[Array] = None,
-               positions: Optional[Array] = None, deterministic: bool = True,
+  def __call__(self, x: Array, encoded: Array | None = None, self_mask: Array | None = None,
+               cross_mask: Array | None = None, self_bias: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True,
                decode: bool = False) -> Array:
     """x: [batch, tgt_len, d_model]; encoded: [batch, src_len, d_model].
 

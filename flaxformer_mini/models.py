@@ -14,25 +14,30 @@ Under a scanned stack every leaf of a path with a ``layers`` component has a lea
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxformer_mini import attention as attn_lib
-from flaxformer_mini import decoding
-from flaxformer_mini import sharding
+from flaxformer_mini import decoding, sharding
 from flaxformer_mini.config import TransformerConfig
-from flaxformer_mini.layers import (DecoderLayer, EncoderLayer, InputEmbedding, make_norm,
-                                    remat_layer)
+from flaxformer_mini.layers import (
+  DecoderLayer,
+  EncoderLayer,
+  InputEmbedding,
+  make_norm,
+  remat_layer,
+)
 from flaxformer_mini.positions import RelativePositionBias
 
 Array = jax.Array
 
 
 def _check_ids(cfg: TransformerConfig, ids: Array, what: str,
-               vocab_size: Optional[int] = None) -> None:
+               vocab_size: int | None = None) -> None:
   """Shape, dtype and length of [batch, length] ids; their range too when they are concrete.
 
   Out-of-range ids would otherwise read NaN embeddings (``jnp.take``'s fill mode). The
@@ -51,7 +56,7 @@ def _check_ids(cfg: TransformerConfig, ids: Array, what: str,
     decoding.check_token_ids(values, vocab_size, what)
 
 
-def _default_positions(ids: Array, positions: Optional[Array]) -> Array:
+def _default_positions(ids: Array, positions: Array | None) -> Array:
   if positions is None:
     return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
   return positions
@@ -137,8 +142,8 @@ class Encoder(nn.Module):
   embed: nn.Module
 
   @nn.compact
-  def __call__(self, inputs: Array, segmentation: Optional[Array] = None,
-               positions: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+  def __call__(self, inputs: Array, segmentation: Array | None = None,
+               positions: Array | None = None, *, deterministic: bool = True) -> Array:
     """inputs: [batch, src_len] ids; segmentation/positions: [batch, src_len] (packed inputs).
 
     Returns:
@@ -174,11 +179,11 @@ class Decoder(nn.Module):
   cross: bool = True
 
   @nn.compact
-  def __call__(self, decoder_inputs: Array, encoded: Optional[Array] = None,
-               encoder_valid: Optional[Array] = None, *,
-               segmentation: Optional[Array] = None,
-               encoder_segmentation: Optional[Array] = None,
-               positions: Optional[Array] = None,
+  def __call__(self, decoder_inputs: Array, encoded: Array | None = None,
+               encoder_valid: Array | None = None, *,
+               segmentation: Array | None = None,
+               encoder_segmentation: Array | None = None,
+               positions: Array | None = None,
                deterministic: bool = True, decode: bool = False) -> Array:
     """Logits for each decoder position.
 
@@ -284,16 +289,16 @@ class Transformer(nn.Module):
     self.encoder = Encoder(cfg, encoder_embed)
     self.decoder = Decoder(cfg, decoder_embed, cross=True)
 
-  def encode(self, inputs: Array, inputs_segmentation: Optional[Array] = None,
-             inputs_positions: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+  def encode(self, inputs: Array, inputs_segmentation: Array | None = None,
+             inputs_positions: Array | None = None, *, deterministic: bool = True) -> Array:
     """inputs: [batch, src_len] ids -> [batch, src_len, d_model]."""
     return self.encoder(inputs, inputs_segmentation, inputs_positions,
                         deterministic=deterministic)
 
-  def decode(self, encoded: Optional[Array], inputs: Optional[Array], decoder_inputs: Array, *,
-             inputs_segmentation: Optional[Array] = None,
-             targets_segmentation: Optional[Array] = None,
-             targets_positions: Optional[Array] = None,
+  def decode(self, encoded: Array | None, inputs: Array | None, decoder_inputs: Array, *,
+             inputs_segmentation: Array | None = None,
+             targets_segmentation: Array | None = None,
+             targets_positions: Array | None = None,
              deterministic: bool = True, decode: bool = False) -> Array:
     """Decoder logits [batch, tgt_len, vocab] given the encoder output.
 
@@ -311,10 +316,10 @@ class Transformer(nn.Module):
                         decode=decode)
 
   def __call__(self, inputs: Array, decoder_inputs: Array, *,
-               inputs_segmentation: Optional[Array] = None,
-               targets_segmentation: Optional[Array] = None,
-               inputs_positions: Optional[Array] = None,
-               targets_positions: Optional[Array] = None,
+               inputs_segmentation: Array | None = None,
+               targets_segmentation: Array | None = None,
+               inputs_positions: Array | None = None,
+               targets_positions: Array | None = None,
                deterministic: bool = True) -> Array:
     """inputs: [batch, src_len], decoder_inputs: [batch, tgt_len] -> [batch, tgt_len, vocab] logits."""
     encoded = self.encode(inputs, inputs_segmentation, inputs_positions,
@@ -334,8 +339,8 @@ class DecoderOnlyLM(nn.Module):
     self.embedding = make_embedding(self.cfg, self.cfg.vocab_size, "embedding")
     self.decoder = Decoder(self.cfg, self.embedding, cross=False)
 
-  def __call__(self, inputs: Array, *, segmentation: Optional[Array] = None,
-               positions: Optional[Array] = None, deterministic: bool = True,
+  def __call__(self, inputs: Array, *, segmentation: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True,
                decode: bool = False) -> Array:
     """inputs: [batch, length] ids -> [batch, length, vocab] next-token logits."""
     return self.decoder(inputs, segmentation=segmentation, positions=positions,
@@ -401,7 +406,7 @@ def unstack_layers(params: Mapping[str, Any], cfg: TransformerConfig) -> dict:
 # Glue for flaxformer_mini.decoding: (model, params) -> tokens_to_logits, cache.
 # ---------------------------------------------------------------------------
 
-TokensToLogits = Callable[[Array, dict], Tuple[Array, dict]]
+TokensToLogits = Callable[[Array, dict], tuple[Array, dict]]
 
 # Cache entries that stay fixed while decoding and are equal across beams
 # (pass as ``decoding.beam_search(..., static_cache_keys=STATIC_CACHE_KEYS)``).
@@ -424,7 +429,7 @@ def _grow_self_attention_cache(cache: dict, length: int) -> dict:
 
 
 def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
-                         max_decode_len: int) -> Tuple[TokensToLogits, dict]:
+                         max_decode_len: int) -> tuple[TokensToLogits, dict]:
   """Encodes ``inputs`` once and builds the decoder cache.
 
   Args:
@@ -461,7 +466,7 @@ def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
 
 
 def lm_decoding_fns(model: DecoderOnlyLM, params, batch_size: int,
-                    max_decode_len: int) -> Tuple[TokensToLogits, dict]:
+                    max_decode_len: int) -> tuple[TokensToLogits, dict]:
   """Like `seq2seq_decoding_fns` for a `DecoderOnlyLM`: an empty cache of ``max_decode_len``."""
   if max_decode_len > model.cfg.max_len:
     raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={model.cfg.max_len}")

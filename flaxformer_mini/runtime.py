@@ -19,7 +19,7 @@ import os
 import platform
 import sys
 import warnings
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "FLAXFORMER_MINI_HUGE_PAGES"
@@ -27,7 +27,7 @@ THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)  # first glibc with the hugetlb malloc tunable
 
 
-def thp_mode(path: str = THP_ENABLED) -> Optional[str]:
+def thp_mode(path: str = THP_ENABLED) -> str | None:
   """The kernel's transparent-huge-page mode ("always", "madvise", "never") or None."""
   try:
     with open(path) as f:
@@ -38,7 +38,7 @@ def thp_mode(path: str = THP_ENABLED) -> Optional[str]:
   return text[start + 1:end] if 0 <= start < end else None
 
 
-def glibc_version() -> Optional[tuple[int, ...]]:
+def glibc_version() -> tuple[int, ...] | None:
   """(major, minor) of the C library when it is glibc, else None."""
   name, version = platform.libc_ver()
   if name != "glibc":
@@ -49,8 +49,8 @@ def glibc_version() -> Optional[tuple[int, ...]]:
     return None
 
 
-def huge_pages_env(environ: Mapping[str, str], mode: Optional[str],
-                   glibc: Optional[tuple[int, ...]]) -> Optional[dict]:
+def huge_pages_env(environ: Mapping[str, str], mode: str | None,
+                   glibc: tuple[int, ...] | None) -> dict | None:
   """The environment to re-execute with, or None when there is nothing to do.
 
   Nothing to do when: opted out (``FLAXFORMER_MINI_HUGE_PAGES=0``), the C library
@@ -71,7 +71,7 @@ def huge_pages_env(environ: Mapping[str, str], mode: Optional[str],
 
 
 def huge_pages_active(environ: Mapping[str, str] = os.environ,
-                      mode: Optional[str] = None) -> bool:
+                      mode: str | None = None) -> bool:
   """True when malloc'd buffers of this process get transparent huge pages: the kernel
   gives them to everyone ("always") or to madvised memory ("madvise") and this process
   started with the hugetlb tunable. ``mode`` defaults to `thp_mode()`."""

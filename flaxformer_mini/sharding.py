@@ -26,18 +26,20 @@ import contextlib
 import contextvars
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH = 'batch'
 
 # (regex on the '/'-joined parameter path, logical axes); the first match wins.
-PARAM_AXES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     # attention: kernels [embed, heads, head_dim] in, [heads, head_dim, embed] out
     (r'(^|/)(query|key|value|qkv|kv)/kernel$', ('embed', 'heads', 'kv')),
     (r'(^|/)(query|key|value|qkv|kv)/bias$', ('heads', 'kv')),
@@ -92,7 +94,7 @@ def path_str(path) -> str:
   return '/'.join(out)
 
 
-def logical_axes(path: str, ndim: int) -> tuple[Optional[str], ...]:
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
   """The logical axis names of parameter ``path`` with ``ndim`` dimensions.
 
   Raises:
@@ -116,7 +118,7 @@ def param_axes(params: PyTree) -> PyTree:
       lambda p, x: logical_axes(path_str(p), len(np.shape(x))), params)
 
 
-def _split_axes(name: Optional[str], mesh: Mesh, rules: Mapping[str, tuple[str, ...]]
+def _split_axes(name: str | None, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]
                 ) -> tuple[str, ...]:
   """The mesh axes (of size > 1) that logical axis ``name`` is split over."""
   return tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1) if name else ()
@@ -137,7 +139,7 @@ def parse_rules(rules: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
   return out
 
 
-def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
              rules: Mapping[str, tuple[str, ...]], what: str) -> P:
   """PartitionSpec of one array with logical ``axes``; every split must divide evenly.
 
@@ -232,7 +234,7 @@ def activation_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]):
     _ACTIVE.reset(token)
 
 
-def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """``x`` with a sharding constraint from logical ``axes`` (one per dimension).
 
   A no-op outside `activation_sharding` (plain ``jit``, ``pmap``, decoding) and on a
@@ -287,7 +289,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
   """A Mesh over ``devices`` (default: all devices of all processes) with `MESH_AXES`.
 
   Axis types are Auto: XLA propagates shardings and Linen code needs no explicit types.

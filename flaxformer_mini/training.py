@@ -33,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Mapping, Optional, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax
 import jax
@@ -46,7 +47,7 @@ from jax import lax
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-LossFn = Callable[[PyTree, Batch, jax.Array, bool], Tuple[jax.Array, Metrics]]
+LossFn = Callable[[PyTree, Batch, jax.Array, bool], tuple[jax.Array, Metrics]]
 AXIS = 'batch'
 PARALLEL = ('mesh', 'jit', 'pmap')
 
@@ -71,14 +72,14 @@ class LossScale:
 
   @classmethod
   def create(cls, initial: float = 2.0 ** 15, period: int = 2000, factor: float = 2.0
-             ) -> 'LossScale':
+             ) -> LossScale:
     if not (initial >= 1 and period >= 1 and factor > 1):
       raise ValueError(f'loss scale initial={initial} (>= 1), period={period} (>= 1) and '
                        f'factor={factor} (> 1) are out of range')
     return cls(scale=jnp.asarray(initial, jnp.float32), good_steps=jnp.zeros((), jnp.int32),
                period=int(period), factor=float(factor))
 
-  def adjust(self, finite: jax.Array) -> 'LossScale':
+  def adjust(self, finite: jax.Array) -> LossScale:
     """The next scale after a step whose gradients were ``finite`` (bool scalar)."""
     grow = finite & (self.good_steps + 1 >= self.period)
     scale = jnp.where(finite, jnp.where(grow, self.scale * self.factor, self.scale),
@@ -102,16 +103,16 @@ class TrainState:
   params: PyTree
   opt_state: PyTree
   rng: jax.Array
-  loss_scale: Optional[LossScale] = None
+  loss_scale: LossScale | None = None
 
   @classmethod
   def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array,
-             loss_scale: Optional[LossScale] = None) -> 'TrainState':
+             loss_scale: LossScale | None = None) -> TrainState:
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                rng=rng, loss_scale=loss_scale)
 
 
-def make_loss_scale(config) -> Optional[LossScale]:
+def make_loss_scale(config) -> LossScale | None:
   """``config.loss_scale``: 'auto' (dynamic when ``config.model.dtype`` is float16) |
   'dynamic' | 'none'; ``config.loss_scale_period`` finite steps between doublings."""
   kind = config.get('loss_scale', 'auto')
@@ -241,7 +242,7 @@ def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(config) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer from ``config.optimizer`` (see configs/common.py).
 
   Chain: clip_by_global_norm(clip_norm) -> Adam(b1, b2, eps) [-> decoupled weight decay
@@ -415,7 +416,7 @@ def validate_config(config) -> None:
 
 
 def chunked_loss(loss_fn: LossFn, params: PyTree, batch: Batch, rng: jax.Array,
-                 chunks: int, deterministic: bool = False) -> Tuple[jax.Array, Metrics]:
+                 chunks: int, deterministic: bool = False) -> tuple[jax.Array, Metrics]:
   """``loss_fn`` over ``chunks`` strided row subsets of ``batch``, sums added up.
 
   The loss and metrics are sums, so the total (and its gradient) is the one of the
@@ -451,8 +452,8 @@ def chunked_loss(loss_fn: LossFn, params: PyTree, batch: Batch, rng: jax.Array,
 
 
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
-               tx: optax.GradientTransformation, axis_name: Optional[str] = None,
-               batch_chunks: int = 1) -> Tuple[TrainState, Metrics]:
+               tx: optax.GradientTransformation, axis_name: str | None = None,
+               batch_chunks: int = 1) -> tuple[TrainState, Metrics]:
   """One micro-batch: gradient of the loss sum / token count, one ``tx.update``.
 
   Args:
@@ -513,7 +514,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
 
 
 def eval_step(params: PyTree, batch: Batch, *, loss_fn: LossFn,
-              axis_name: Optional[str] = None) -> Metrics:
+              axis_name: str | None = None) -> Metrics:
   """Metric sums of one eval batch (deterministic), summed over devices under pmap."""
   _, metrics = loss_fn(params, batch, jax.random.PRNGKey(0), True)
   if axis_name is not None:
@@ -555,8 +556,8 @@ class StepFns:
 
 
 def make_step_fns(loss_fn: LossFn, tx: optax.GradientTransformation, parallel: str = 'jit',
-                  batch_chunks: int = 1, *, mesh_sizes: Optional[Mapping[str, int]] = None,
-                  rules: Optional[Mapping[str, str]] = None) -> StepFns:
+                  batch_chunks: int = 1, *, mesh_sizes: Mapping[str, int] | None = None,
+                  rules: Mapping[str, str] | None = None) -> StepFns:
   """Compiles `train_step`/`eval_step` for ``parallel`` = 'mesh', 'jit' or 'pmap'.
 
   Args:

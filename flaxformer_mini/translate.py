@@ -46,7 +46,8 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -186,7 +187,7 @@ class Translator:
   """
 
   def __init__(self, model_config: TransformerConfig, params: PyTree, tokenizer: Tokenizer, *,
-               max_decode_len: Optional[int] = None, batch_size: int = 32,
+               max_decode_len: int | None = None, batch_size: int = 32,
                on_long: str = 'truncate', quantize: str = 'none'):
     if quantize not in _QUANTIZE:
       raise ValueError(f'quantize={quantize!r} is not one of {_QUANTIZE}')
@@ -211,7 +212,7 @@ class Translator:
     self.on_long = on_long
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: Optional[int] = None, **kwargs) -> 'Translator':
+  def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> Translator:
     """Loads checkpoint ``step`` (default: the newest readable) of a training run dir.
 
     ``max_decode_len`` defaults to the run's ``config.eval.max_decode_len``; other
@@ -261,15 +262,15 @@ class Translator:
 
   # -- text ----------------------------------------------------------------------------
 
-  def encode(self, sentences: Sequence[str], on_long: Optional[str] = None
-             ) -> list[Optional[np.ndarray]]:
+  def encode(self, sentences: Sequence[str], on_long: str | None = None
+             ) -> list[np.ndarray | None]:
     """Source ids per sentence, None for empty ones; enforces ``on_long`` (line = index + 1)."""
     on_long = on_long or self.on_long
     if on_long not in ON_LONG:
       raise ValueError(f'on_long={on_long!r} is not one of {ON_LONG}')
     limit = self.model_config.max_len
     nonempty = [i for i, s in enumerate(sentences) if s.strip()]
-    encoded: list[Optional[np.ndarray]] = [None] * len(sentences)
+    encoded: list[np.ndarray | None] = [None] * len(sentences)
     for i, ids in zip(nonempty, self.tokenizer.encode([sentences[i] for i in nonempty])):
       if len(ids) > limit:
         if on_long == 'error':
@@ -282,7 +283,7 @@ class Translator:
       encoded[i] = ids
     return encoded
 
-  def batches(self, encoded: Sequence[Optional[np.ndarray]]):
+  def batches(self, encoded: Sequence[np.ndarray | None]):
     """Yields (indices into ``encoded``, inputs [rows, length] int32) in length order.
 
     Skips None (empty lines); ``rows`` and ``length`` are bucketed (module docstring).
@@ -303,13 +304,13 @@ class Translator:
       yield idx, inputs
 
   def translate(self, sentences: Sequence[str], search: SearchConfig = SearchConfig(), *,
-                on_long: Optional[str] = None) -> list[str]:
+                on_long: str | None = None) -> list[str]:
     """Translations of ``sentences`` (same length and order; empty in, empty out)."""
     if isinstance(sentences, str):
       raise TypeError('translate takes a list of sentences, got a single str')
     return self.translate_encoded(self.encode(sentences, on_long), search)
 
-  def translate_encoded(self, encoded: Sequence[Optional[np.ndarray]],
+  def translate_encoded(self, encoded: Sequence[np.ndarray | None],
                         search: SearchConfig = SearchConfig()) -> list[str]:
     """Translations of `encode`'s output (None -> ''), batched as `batches` describes."""
     out = [''] * len(encoded)
@@ -462,7 +463,7 @@ def _search_config(args, parser) -> SearchConfig:
     parser.error(str(e))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   search = _search_config(args, parser)

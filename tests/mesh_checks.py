@@ -94,7 +94,7 @@ def _train(kind, parallel, mesh=None, *, dropout=0.1, chunks=1, steps=STEPS):
   return state, losses, fns
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(kind, dropout=0.1):
   state, losses, fns = _train(kind, 'jit', dropout=dropout)
   return jax.device_get(fns.get_state(state).params), losses

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxformer_mini import decoding
-from flaxformer_mini import models
+from flaxformer_mini import decoding, models
 from flaxformer_mini.config import TransformerConfig
 
 BOS, EOS, PAD = 1, 2, 0

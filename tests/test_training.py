@@ -25,9 +25,8 @@ from flaxformer_mini import checkpoints, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from configs import smoke  # noqa: E402  (configs/ is not a package on sys.path by default)
 import train  # noqa: E402
-
+from configs import smoke  # noqa: E402  (configs/ is not a package on sys.path by default)
 
 # ----------------------------------------------------------------------------- pure parts
 

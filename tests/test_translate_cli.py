@@ -25,6 +25,7 @@ from flaxformer_mini.models import Transformer, seq2seq_decoding_fns
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from conftest import SMOKE_MAX_DECODE_LEN as MAX_DECODE_LEN
+
 SOURCES = ['O certificado diverge.', 'Eu gosto de gatos.',
            'A casa é muito grande e bonita.', 'Obrigado.',
            'Nós vamos para a escola amanhã de manhã.']

@@ -135,7 +135,7 @@ class TokenizedSource:
         os.remove(tmp)
 
   @classmethod
-  def load(cls, path: str) -> tuple['TokenizedSource', dict[str, Any]]:
+  def load(cls, path: str) -> tuple[TokenizedSource, dict[str, Any]]:
     """Reads a file written by `save`; returns (source, meta).
 
     Raises ValueError (or OSError / zipfile.BadZipFile) for unreadable or inconsistent

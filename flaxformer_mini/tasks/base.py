@@ -12,7 +12,8 @@ tokens/examples and a metrics dict of sums containing ``'weight'``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import jax
 import numpy as np

@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +38,11 @@ from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data import textfile
 from flaxformer_mini.models import DecoderOnlyLM, lm_decoding_fns
 
-Batch = Dict[str, np.ndarray]
+Batch = dict[str, np.ndarray]
 BATCH_KEYS = ("inputs", "targets", "segmentation", "positions", "weights")
 
 
-def read_documents(path: str) -> List[str]:
+def read_documents(path: str) -> list[str]:
   """Documents of a (gzip'd) UTF-8 text file: blocks separated by blank lines, stripped.
 
   Raises ValueError naming the file for an unreadable one (`data.textfile.read_lines`:
@@ -57,7 +58,7 @@ def read_documents(path: str) -> List[str]:
   return docs
 
 
-def split_documents(docs: Sequence[str], dev_permille: int) -> Tuple[List[str], List[str]]:
+def split_documents(docs: Sequence[str], dev_permille: int) -> tuple[list[str], list[str]]:
   """(train, dev): a document goes to dev iff crc32(text) % 1000 < dev_permille.
 
   Stable under reordering or growing the corpus; identical documents land together.
@@ -96,14 +97,14 @@ class PackedRows:
     self.seed, self.shuffle, self.repeat = seed, shuffle, repeat
     self._state = {"epoch": 0, "index": 0, "offset": 0}
     self._order_epoch, self._order = None, None
-    self._cached: Tuple[Optional[int], Optional[np.ndarray]] = (None, None)
+    self._cached: tuple[int | None, np.ndarray | None] = (None, None)
 
   # -- state -------------------------------------------------------------------------
-  def get_state(self) -> Dict[str, int]:
+  def get_state(self) -> dict[str, int]:
     """JSON-able position: epoch, index into that epoch's order, token offset in the doc."""
     return dict(self._state)
 
-  def set_state(self, state: Dict[str, Any]) -> None:
+  def set_state(self, state: dict[str, Any]) -> None:
     missing = {"epoch", "index", "offset"} - set(state)
     if missing:
       raise ValueError(f"PackedRows state lacks {sorted(missing)}: {state}")
@@ -121,7 +122,7 @@ class PackedRows:
       self._cached = (doc, np.concatenate([[data_lib.BOS_ID], ids, [data_lib.EOS_ID]]))
     return self._cached[1]
 
-  def _take(self, state: Dict[str, int], n: int):
+  def _take(self, state: dict[str, int], n: int):
     """Up to n tokens from ``state``: (tokens, doc serial numbers, new state); fewer at the end."""
     toks, docs = [], []
     s = dict(state)
@@ -141,7 +142,7 @@ class PackedRows:
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros((0,), dt)
     return cat(toks, np.int32), cat(docs, np.int64), s
 
-  def _row(self) -> Optional[Batch]:
+  def _row(self) -> Batch | None:
     L = self.seq_len
     toks, docs, after = self._take(self._state, L)
     if len(toks) < 2:
@@ -160,7 +161,7 @@ class PackedRows:
     row["weights"][:n] = docs[1:n + 1] == docs[:n]
     return row
 
-  def __iter__(self) -> "PackedRows":
+  def __iter__(self) -> PackedRows:
     return self
 
   def __next__(self) -> Batch:
@@ -216,7 +217,7 @@ class LMTask:
       raise ValueError(f"data.seq_len / eval.max_decode_len up to {longest} exceed "
                        f"model.max_len={self.model_config.max_len}")
     self.model = DecoderOnlyLM(self.model_config)
-    self._eval_cache: Optional[List[Batch]] = None
+    self._eval_cache: list[Batch] | None = None
     self._generate = jax.jit(self._generate_batch, static_argnames=("max_len",))
 
   # -- model and loss ------------------------------------------------------------------
@@ -257,7 +258,7 @@ class LMTask:
                                   bos_id=data_lib.BOS_ID, eos_id=data_lib.EOS_ID,
                                   pad_id=data_lib.PAD_ID, prompt=prompt)
 
-  def complete(self, params, prompts: Sequence[str], max_len: Optional[int] = None) -> List[str]:
+  def complete(self, params, prompts: Sequence[str], max_len: int | None = None) -> list[str]:
     """Greedy continuations (text after each prompt) of up to ``max_len`` tokens in total."""
     max_len = max_len or self.config.eval.max_decode_len
     ids = self.tokenizer.encode(prompts)
@@ -271,7 +272,7 @@ class LMTask:
     out = np.asarray(self._generate(params, jnp.asarray(prompt), max_len=max_len))
     return self.tokenizer.decode([row[len(x):] for row, x in zip(out, ids)])
 
-  def evaluate(self, params) -> Tuple[Dict[str, float], List[str]]:
+  def evaluate(self, params) -> tuple[dict[str, float], list[str]]:
     """Greedy continuations of ``config.eval.prompts`` (no extra metrics: dev ppl comes
     from the loss)."""
     prompts = list(self.config.eval.prompts)

@@ -24,7 +24,6 @@ from flaxformer_mini.models import Transformer
 from flaxformer_mini.tasks.base import PyTree
 from flaxformer_mini.translate import SearchConfig, Translator
 
-
 # ----------------------------------------------------------------------------- translation
 
 

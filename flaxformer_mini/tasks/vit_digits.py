@@ -13,7 +13,7 @@ Batches: ``image`` [b, 8, 8, 1] float32, ``label`` [b] int32, ``weight`` [b] flo
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Tuple
+from collections.abc import Iterable, Iterator
 
 import grain
 import jax
@@ -23,10 +23,10 @@ import numpy as np
 from flaxformer_mini import training
 from flaxformer_mini.variants.vit import ViT, ViTConfig
 
-Batch = Dict[str, np.ndarray]
+Batch = dict[str, np.ndarray]
 
 
-def digits_split(test_fraction: float = 0.2, seed: int = 0) -> Dict[str, np.ndarray]:
+def digits_split(test_fraction: float = 0.2, seed: int = 0) -> dict[str, np.ndarray]:
   """Deterministic stratified split of ``load_digits()``.
 
   Returns:
@@ -61,7 +61,7 @@ class _Examples:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     return {"image": self.images[i], "label": self.labels[i]}
 
 
@@ -89,7 +89,7 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> List[Batch]:
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> list[Batch]:
   """One pass in order; the last batch is padded with zero-weight rows to ``batch_size``."""
   out = []
   for start in range(0, len(labels), batch_size):
@@ -125,7 +125,7 @@ class ViTDigitsTask:
     self.model = ViT(self.model_config)
     d = config.data
     self.split = digits_split(d.test_fraction, d.split_seed)
-    self.assets: Dict[str, str] = {}
+    self.assets: dict[str, str] = {}
     self._predict = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, x), -1))
 
   def init_params(self, rng: jax.Array):
@@ -151,7 +151,7 @@ class ViTDigitsTask:
     return eval_batches(self.split["test_images"], self.split["test_labels"],
                         self.config.data.eval_batch_size)
 
-  def evaluate(self, params) -> Tuple[Dict[str, float], List[str]]:
+  def evaluate(self, params) -> tuple[dict[str, float], list[str]]:
     """Test accuracy over all test images and a few misclassified examples."""
     s = self.split
     preds = np.concatenate([np.asarray(self._predict(params, b["image"]))[b["weight"] > 0]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +89,7 @@ class BertConfig:
         raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> BertConfig:
     """From a mapping like ``{"encoder": {...TransformerConfig fields}, "num_labels": 3}``.
 
     The ``encoder`` block overrides `bert_encoder_config` defaults; unknown keys are an error.
@@ -103,7 +104,7 @@ class BertConfig:
     return cls(encoder=TransformerConfig.from_dict(enc), **d)
 
   @classmethod
-  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "BertConfig":
+  def from_hf(cls, hf: Mapping[str, Any], **overrides) -> BertConfig:
     """From a Hugging Face ``config.json`` dict (``model_type`` "bert")."""
     if hf.get("model_type", "bert") != "bert":
       raise ValueError(f"expected a BERT config.json (model_type 'bert'), got "
@@ -201,9 +202,9 @@ class BertModel(nn.Module):
       self.pooler = nn.Dense(enc.d_model, dtype=enc.dtype, param_dtype=enc.param_dtype,
                              name="pooler")
 
-  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
-               token_type_ids: Optional[Array] = None, positions: Optional[Array] = None, *,
-               deterministic: bool = True) -> Tuple[Array, Optional[Array]]:
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               token_type_ids: Array | None = None, positions: Array | None = None, *,
+               deterministic: bool = True) -> tuple[Array, Array | None]:
     """Encodes a batch.
 
     Args:
@@ -257,8 +258,8 @@ class BertForMaskedLM(nn.Module):
     self.bert = BertModel(self.cfg)
     self.mlm = MaskedLMHead(enc, name="mlm")
 
-  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
-               token_type_ids: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               token_type_ids: Array | None = None, *, deterministic: bool = True) -> Array:
     """input_ids etc. as `BertModel` -> [b, l, v] float32 logits."""
     hidden, _ = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
     return self.mlm(hidden, self.bert.attend_words)
@@ -286,8 +287,8 @@ class BertForSequenceClassification(nn.Module):
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
-               token_type_ids: Optional[Array] = None, *, deterministic: bool = True) -> Array:
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               token_type_ids: Array | None = None, *, deterministic: bool = True) -> Array:
     """input_ids etc. as `BertModel` -> [b, num_labels] float32 logits."""
     if not self.cfg.pooler:
       raise ValueError("sequence classification needs the pooler: BertConfig.pooler=False")
@@ -311,17 +312,17 @@ _IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight",
 _HEADS = {None: (None, None), "mlm": ("cls.", "mlm"), "classification": ("classifier.", "classifier")}
 
 
-def _hf_rules(cfg: BertConfig, head: Optional[str]) -> List[Rule]:
+def _hf_rules(cfg: BertConfig, head: str | None) -> list[Rule]:
   """One `Rule` (our param path <- HF tensor, layout change) per parameter."""
   enc = cfg.encoder
   h, k = enc.num_heads, enc.head_size
   root = () if head is None else ("bert",)
-  rules: List[Rule] = []
+  rules: list[Rule] = []
 
-  def norm(hf: str, ours: Tuple[str, ...]):
+  def norm(hf: str, ours: tuple[str, ...]):
     rules.extend([Rule(ours + ("scale",), f"{hf}.weight"), Rule(ours + ("bias",), f"{hf}.bias")])
 
-  def dense(hf: str, ours: Tuple[str, ...]):
+  def dense(hf: str, ours: tuple[str, ...]):
     rules.extend([Rule(ours + ("kernel",), f"{hf}.weight", hf_import.linear),
                   Rule(ours + ("bias",), f"{hf}.bias")])
 
@@ -355,7 +356,7 @@ def _hf_rules(cfg: BertConfig, head: Optional[str]) -> List[Rule]:
   return rules
 
 
-def _resolve(path_or_dir: str) -> Tuple[str, str]:
+def _resolve(path_or_dir: str) -> tuple[str, str]:
   """-> (safetensors file, config.json) from a directory or the safetensors path."""
   path = os.fspath(path_or_dir)
   if os.path.isdir(path):
@@ -368,8 +369,8 @@ def _resolve(path_or_dir: str) -> Tuple[str, str]:
   return weights, config
 
 
-def convert_hf_bert(state_dict: Any, cfg: BertConfig, *, head: Optional[str] = None
-                    ) -> Dict[str, Any]:
+def convert_hf_bert(state_dict: Any, cfg: BertConfig, *, head: str | None = None
+                    ) -> dict[str, Any]:
   """Maps HF BERT tensors (names as in ``BertModel.state_dict()``) to our param tree.
 
   Args:
@@ -401,8 +402,8 @@ def convert_hf_bert(state_dict: Any, cfg: BertConfig, *, head: Optional[str] = N
                             what="BERT checkpoint")
 
 
-def load_hf_bert(path_or_dir: str, *, head: Optional[str] = None,
-                 **config_overrides) -> Tuple[BertConfig, Dict[str, Any]]:
+def load_hf_bert(path_or_dir: str, *, head: str | None = None,
+                 **config_overrides) -> tuple[BertConfig, dict[str, Any]]:
   """Loads a Hugging Face BERT checkpoint: ``model.safetensors`` + ``config.json``.
 
   Args:
@@ -459,9 +460,9 @@ class BertForQuestionAnswering(nn.Module):
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
-               token_type_ids: Optional[Array] = None, *, deterministic: bool = True
-               ) -> Tuple[Array, Array]:
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               token_type_ids: Array | None = None, *, deterministic: bool = True
+               ) -> tuple[Array, Array]:
     """input_ids etc. as `BertModel` -> (start, end) logits, each [b, l] float32."""
     enc = self.cfg.encoder
     hidden, _ = BertModel(self.cfg, name="bert")(input_ids, attention_mask, token_type_ids,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +46,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
-                 d_ff: int, num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 d_ff: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  max_len: int = 2048, rotary_base: float = 10000.0, norm_eps: float = 1e-5,
                  tie_embeddings: bool = False, dropout_rate: float = 0.0, pad_id: int = 0,
                  dtype: Any = jnp.float32) -> TransformerConfig:
@@ -68,7 +68,7 @@ def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: i
 
 
 def gpt_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
-               d_ff: Optional[int] = None, max_len: int = 1024, norm_eps: float = 1e-5,
+               d_ff: int | None = None, max_len: int = 1024, norm_eps: float = 1e-5,
                dropout_rate: float = 0.1, pad_id: int = 0,
                dtype: Any = jnp.float32) -> TransformerConfig:
   """A GPT-2-style decoder-only LM config.
@@ -87,8 +87,8 @@ def gpt_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int
       scale_embeddings=False, embedding_init_std=0.02, pad_id=pad_id)
 
 
-def config_from_hf_llama(hf_config: Any, *, max_len: Optional[int] = None,
-                         pad_id: Optional[int] = None) -> TransformerConfig:
+def config_from_hf_llama(hf_config: Any, *, max_len: int | None = None,
+                         pad_id: int | None = None) -> TransformerConfig:
   """`llama_config` from a transformers ``LlamaConfig`` (or its ``to_dict()``).
 
   Args:
@@ -127,8 +127,8 @@ def config_from_hf_llama(hf_config: Any, *, max_len: Optional[int] = None,
       tie_embeddings=bool(get("tie_word_embeddings", False)), pad_id=pad_id)
 
 
-def load_hf_llama(state_dict_or_model: Any, hf_config: Any, *, max_len: Optional[int] = None,
-                  pad_id: Optional[int] = None) -> tuple[TransformerConfig, dict]:
+def load_hf_llama(state_dict_or_model: Any, hf_config: Any, *, max_len: int | None = None,
+                  pad_id: int | None = None) -> tuple[TransformerConfig, dict]:
   """Imports a Hugging Face ``LlamaForCausalLM`` into `DecoderOnlyLM`.
 
   Args:

@@ -30,7 +30,7 @@ nothing special: decoder steps never mask the start token.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -48,11 +48,11 @@ _VERSIONS = {  # version -> (ffn_activation, ffn_gated, tie_output)
 
 def t5_config(version: str = "1.1", *, vocab_size: int = 32128, d_model: int = 512,
               num_heads: int = 8, head_dim: int = 64, d_ff: int = 2048,
-              num_encoder_layers: int = 6, num_decoder_layers: Optional[int] = None,
+              num_encoder_layers: int = 6, num_decoder_layers: int | None = None,
               relative_num_buckets: int = 32, relative_max_distance: int = 128,
               dropout_rate: float = 0.1, norm_eps: float = 1e-6, max_len: int = 512,
-              pad_id: int = 0, ffn_activation: Optional[str] = None,
-              ffn_gated: Optional[bool] = None, tie_output: Optional[bool] = None,
+              pad_id: int = 0, ffn_activation: str | None = None,
+              ffn_gated: bool | None = None, tie_output: bool | None = None,
               dtype: Any = jnp.float32) -> TransformerConfig:
   """A T5 `TransformerConfig`; the defaults are T5-small.
 

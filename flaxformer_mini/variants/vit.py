@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ class ViTConfig:
   """
 
   encoder: TransformerConfig = dataclasses.field(default_factory=vit_encoder_config)
-  image_size: Tuple[int, int] = (8, 8)
+  image_size: tuple[int, int] = (8, 8)
   patch_size: int = 2
   num_channels: int = 1
   num_classes: int = 10
@@ -87,7 +88,7 @@ class ViTConfig:
     return 1 + self.num_patches
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "ViTConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> ViTConfig:
     """From ``{"encoder": {...TransformerConfig fields}, "patch_size": 2, ...}``.
 
     The ``encoder`` block overrides `vit_encoder_config` defaults; ``encoder.max_len``
