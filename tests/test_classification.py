@@ -413,3 +413,23 @@ def test_workdir_refuses_other_labels_or_tokenizer(run, data, tmp_path):
     cls_lib.ClassificationTask(_config(data, **{'data.tokenizer': str(vocab)}), workdir)
   with open(os.path.join(workdir, 'labels.json')) as f:
     assert json.load(f) == ['blick', 'quaff', 'zorp']  # untouched by the refusals
+
+
+@pytest.mark.slow
+def test_predict_cli_labels_lines_like_the_classifier(run, tmp_path, capsys):
+  from flaxformer_mini import predict
+  workdir, _ = run
+  texts = [p['text'] for p in _jsonl(os.path.join(workdir, 'dev_predictions.jsonl'))][:6]
+  src = tmp_path / 'in.txt'
+  src.write_text('\n'.join(texts[:3] + [''] + texts[3:]) + '\n', encoding='utf-8')
+  assert predict.main([f'--workdir={workdir}', f'--input={src}']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  want = cls_lib.Classifier.from_workdir(workdir).classify(texts)
+  assert lines[3] == '' and len(lines) == 7
+  got = [line.split('\t') for line in lines[:3] + lines[4:]]
+  assert [g[0] for g in got] == [w.label for w in want]
+  np.testing.assert_allclose([float(g[1]) for g in got], [w.probability for w in want],
+                             atol=1e-4)
+  assert predict.main([f'--workdir={workdir}', '--json', texts[0]]) == 0
+  row = json.loads(capsys.readouterr().out)
+  assert row['label'] == want[0].label and set(row['probabilities']) == set(want[0].probabilities)

@@ -272,3 +272,29 @@ def test_question_answerer_from_workdir_reproduces_dev_predictions(run, data):
     answerer.answer(['a?', 'b?'], ['c'])
   with pytest.raises(ValueError, match='context 0 is empty'):
     answerer.answer(['a?'], [' '])
+
+
+@pytest.mark.slow
+def test_predict_cli_answers_jsonl_and_a_context_file(run, data, tmp_path, capsys):
+  from flaxformer_mini import predict
+  workdir, _ = run
+  dev = squad.read_squad(data['dev'], records.RowErrors())[:3]
+  src = tmp_path / 'q.jsonl'
+  src.write_text('\n'.join(json.dumps({'question': ex.question, 'context': ex.context})
+                           for ex in dev) + '\n\n', encoding='utf-8')
+  assert predict.main([f'--workdir={workdir}', f'--input={src}', '--json']) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  want = qa.QuestionAnswerer.from_workdir(workdir).answer([ex.question for ex in dev],
+                                                           [ex.context for ex in dev])
+  assert [r['text'] for r in rows[:3]] == [a.text for a in want] and rows[3] == {}
+  assert [r['start_char'] for r in rows[:3]] == [a.start_char for a in want]
+  context = tmp_path / 'context.txt'
+  context.write_text(dev[0].context, encoding='utf-8')
+  assert predict.main([f'--workdir={workdir}', f'--context_file={context}',
+                       dev[0].question]) == 0
+  assert capsys.readouterr().out.strip() == ' '.join(want[0].text.split())
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"question": "why?"}\n', encoding='utf-8')
+  assert predict.main([f'--workdir={workdir}', f'--input={bad}']) == 1
+  assert 'line 1: expected an object with non-empty "question" and "context"' in (
+      capsys.readouterr().err)

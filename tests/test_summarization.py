@@ -358,3 +358,13 @@ def test_t5_config_trains_without_nan(run, tables_dir, tmp_path):
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)['model']
   assert (saved['norm_kind'], saved['position_kind']) == ('rmsnorm', 'relative')
+
+
+@pytest.mark.slow
+def test_predict_cli_summarizes_like_the_summarizer(run, capsys):
+  from flaxformer_mini import predict
+  workdir, _ = run
+  docs = [p['document'] for p in _predictions(workdir)][:4]
+  assert predict.main([f'--workdir={workdir}', *docs, '']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines == summ.Summarizer.from_workdir(workdir).summarize(docs) + ['']
