@@ -153,7 +153,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="1 warmup + 1x2 timed calls (smoke run)")
   p.add_argument("--systems", default="ours,hf,floor",
-                 help="comma-separated subset of ours,hf,floor (floor: matmuls only, see make_floor)")
+                 help="comma-separated subset of ours,hf,floor "
+                      "(floor: matmuls only, see make_floor)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps-per-round", type=int, default=4)
@@ -195,7 +196,8 @@ def main(argv=None):
   times = common.interleaved(steps, rounds=args.rounds, steps_per_round=args.steps_per_round)
   tokens = DECODE["batch_size"] * DECODE["new_tokens"]
   results = {}
-  print(f"\n{'system':>12} {'call median':>12} {'IQR':>9} {'out tok/s':>10} {'tok/s IQR range':>17}")
+  print(f"\n{'system':>12} {'call median':>12} {'IQR':>9} {'out tok/s':>10} "
+        f"{'tok/s IQR range':>17}")
   for name in steps:
     s = common.summarize(times[name])
     r = dict(s, compile_and_first_call_s=compile_s[name], tokens_per_s=tokens / s["median_s"],

@@ -89,7 +89,8 @@ def main():
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
   rules = sharding.parse_rules(sharding.DEFAULT_RULES)
   print(f'machine: {platform.machine()} {platform.processor() or ""} {os.cpu_count()} cores, '
-        f'{jax.device_count()} simulated {jax.devices()[0].platform} devices; jax {jax.__version__}')
+        f'{jax.device_count()} simulated {jax.devices()[0].platform} devices; '
+        f'jax {jax.__version__}')
   print(f'model {args.model}: {MODELS[args.model]}, {n_params:,} params, float32, Adam; '
         f'batch {args.batch} x {args.length}')
   print('| devices | mesh | params MiB/device | optimizer MiB/device | formula MiB | '

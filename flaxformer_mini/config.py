@@ -48,7 +48,7 @@ class TransformerConfig:
   num_decoder_layers: int = 6
   dropout_rate: float = 0.1                    # residual, embedding and FFN-hidden dropout
   attention_dropout_rate: float = 0.0          # dropout on attention weights
-  dropout_impl: str = "hash"                   # keep-mask generator, see dropout.py ("threefry" = flax)
+  dropout_impl: str = "hash"                   # keep-mask generator (dropout.py); "threefry" = flax
   max_len: int = 256                           # longest sequence for absolute positions
   dtype: Any = jnp.float32                     # compute dtype
   param_dtype: Any = jnp.float32
@@ -68,7 +68,7 @@ class TransformerConfig:
   tie_output: bool = True                      # logits = decoder output · embeddingᵀ
   scale_embeddings: bool = True                # multiply embeddings by sqrt(d_model)
   embedding_init_std: float | None = None      # default d_model^-0.5 if scale_embeddings else 1.0
-  scale_tied_logits: bool = False              # T5: decoder output * d_model^-0.5 before tied logits
+  scale_tied_logits: bool = False              # T5: output * d_model^-0.5 before tied logits
   attention_scale: float | None = None         # default 1/sqrt(head_dim); T5 uses 1.0
   pad_id: int = 0
   # Memory / compile-time knobs of the core Encoder/Decoder stacks (models.py):
@@ -86,7 +86,8 @@ class TransformerConfig:
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
     if self.num_heads % self.kv_heads:
-      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.kv_heads}")
     for key in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, key) < 1.0:
         raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")

@@ -82,7 +82,8 @@ class InputEmbedding(nn.Module):
   @nn.compact
   def __call__(self, ids: Array, positions: Array | None = None, *,
                deterministic: bool = True) -> Array:
-    """ids: [batch, length] int, checked by the calling stack; positions: [batch, length] (default 0..length-1).
+    """ids: [batch, length] int, checked by the calling stack; positions: [batch, length]
+    (default 0..length-1).
 
     Returns:
       [batch, length, d_model] in cfg.dtype.
@@ -133,10 +134,12 @@ class EncoderLayer(nn.Module):
     cfg = self.cfg
     attn = make_attention(cfg, "self_attention", rotary=cfg.position_kind == "rotary")
     x = _residual(
-        cfg, make_norm(cfg, "norm_attention"), x, lambda h: attn(h, None, mask, bias, positions=positions, deterministic=deterministic),
+        cfg, make_norm(cfg, "norm_attention"), x,
+        lambda h: attn(h, None, mask, bias, positions=positions, deterministic=deterministic),
         deterministic)
     ffn = FeedForward(cfg, name="ffn")
-    return _residual(cfg, make_norm(cfg, "norm_ffn"), x, lambda h: ffn(h, deterministic), deterministic)
+    return _residual(cfg, make_norm(cfg, "norm_ffn"), x, lambda h: ffn(h, deterministic),
+                     deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -165,15 +168,18 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     self_attn = make_attention(cfg, "self_attention", rotary=cfg.position_kind == "rotary")
     x = _residual(
-        cfg, make_norm(cfg, "norm_self_attention"), x, lambda h: self_attn(h, None, self_mask, self_bias, positions=positions,
-                               deterministic=deterministic, decode=decode), deterministic)
+        cfg, make_norm(cfg, "norm_self_attention"), x,
+        lambda h: self_attn(h, None, self_mask, self_bias, positions=positions,
+                            deterministic=deterministic, decode=decode), deterministic)
     if self.cross:
       cross_attn = make_attention(cfg, "cross_attention")
       x = _residual(
-          cfg, make_norm(cfg, "norm_cross_attention"), x, lambda h: cross_attn(h, encoded, cross_mask, deterministic=deterministic,
-                                  decode=decode), deterministic)
+          cfg, make_norm(cfg, "norm_cross_attention"), x,
+          lambda h: cross_attn(h, encoded, cross_mask, deterministic=deterministic,
+                               decode=decode), deterministic)
     ffn = FeedForward(cfg, name="ffn")
-    return _residual(cfg, make_norm(cfg, "norm_ffn"), x, lambda h: ffn(h, deterministic), deterministic)
+    return _residual(cfg, make_norm(cfg, "norm_ffn"), x, lambda h: ffn(h, deterministic),
+                     deterministic)
 
 
 # Remat (``cfg.remat``): which intermediates the backward pass keeps; the rest is

@@ -5,7 +5,8 @@ Plus the glue that turns a model and its params into the
 `stack_layers` / `unstack_layers` between the two parameter layouts of a stack:
 
   unscanned (default)   ``encoder/layer_{i}/self_attention/query/kernel`` [d_model, heads, head_dim]
-  ``cfg.scan_layers``   ``encoder/layers/self_attention/query/kernel`` [num_layers, d_model, heads, head_dim]
+  ``cfg.scan_layers``   ``encoder/layers/self_attention/query/kernel``
+                        [num_layers, d_model, heads, head_dim]
 
 Under a scanned stack every leaf of a path with a ``layers`` component has a leading
 [num_layers] axis; its ``cache`` leaves stay batch-major (see `_run_layers`).
@@ -87,7 +88,8 @@ SCANNED_LAYERS = "layers"  # module name of a scanned stack; its leaves lead wit
 def _run_layers(layer_cls: type, cfg: TransformerConfig, num_layers: int, x: Array,
                 args: Sequence[Any], static: Sequence[bool], *, decode: bool = False,
                 **layer_kwargs) -> Array:
-  """Applies ``num_layers`` layers ``layer_cls(cfg, **layer_kwargs)`` to ``x`` [batch, len, d_model].
+  """Applies ``num_layers`` layers ``layer_cls(cfg, **layer_kwargs)`` to ``x``
+  [batch, len, d_model].
 
   Call from a compact method: the layers become children of the calling module.
   ``args`` (arrays or None, the same for every layer) and ``static`` (the Python
@@ -321,7 +323,8 @@ class Transformer(nn.Module):
                inputs_positions: Array | None = None,
                targets_positions: Array | None = None,
                deterministic: bool = True) -> Array:
-    """inputs: [batch, src_len], decoder_inputs: [batch, tgt_len] -> [batch, tgt_len, vocab] logits."""
+    """inputs: [batch, src_len], decoder_inputs: [batch, tgt_len] -> logits
+    [batch, tgt_len, vocab]."""
     encoded = self.encode(inputs, inputs_segmentation, inputs_positions,
                           deterministic=deterministic)
     return self.decode(encoded, inputs, decoder_inputs,
@@ -331,7 +334,8 @@ class Transformer(nn.Module):
 
 
 class DecoderOnlyLM(nn.Module):
-  """Decoder-only language model (GPT / Llama style, by config): `Decoder` without cross-attention."""
+  """Decoder-only language model (GPT / Llama style, by config): `Decoder` without
+  cross-attention."""
 
   cfg: TransformerConfig
 
@@ -383,14 +387,16 @@ def stack_layers(params: Mapping[str, Any], cfg: TransformerConfig) -> dict:
 
 
 def unstack_layers(params: Mapping[str, Any], cfg: TransformerConfig) -> dict:
-  """Inverse of `stack_layers`: ``{encoder,decoder}/layers/...`` [num_layers, *S] -> ``layer_{i}``."""
+  """Inverse of `stack_layers`: ``{encoder,decoder}/layers/...`` [num_layers, *S] ->
+  ``layer_{i}``."""
   out = dict(params)
   for stack, num_key in _STACKS:
     if stack not in out:
       continue
     sub, n = dict(out[stack]), getattr(cfg, num_key)
     if SCANNED_LAYERS not in sub:
-      raise ValueError(f"unstack_layers: {stack} has no scanned '{SCANNED_LAYERS}', has {sorted(sub)}")
+      raise ValueError(f"unstack_layers: {stack} has no scanned '{SCANNED_LAYERS}', "
+                       f"has {sorted(sub)}")
     layers = sub.pop(SCANNED_LAYERS)
     bad = [x.shape for x in jax.tree_util.tree_leaves(layers) if not x.shape or x.shape[0] != n]
     if bad:
@@ -444,7 +450,8 @@ def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
     max_decode_len, head_dim]).
   """
   if max_decode_len > model.cfg.max_len:
-    raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={model.cfg.max_len}")
+    raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's "
+                     f"max_len={model.cfg.max_len}")
   variables = {"params": params}
   encoded = model.apply(variables, inputs, method=Transformer.encode)
   # Create the cache with a one-token pass (it projects the encoder K/V), then
@@ -469,7 +476,8 @@ def lm_decoding_fns(model: DecoderOnlyLM, params, batch_size: int,
                     max_decode_len: int) -> tuple[TokensToLogits, dict]:
   """Like `seq2seq_decoding_fns` for a `DecoderOnlyLM`: an empty cache of ``max_decode_len``."""
   if max_decode_len > model.cfg.max_len:
-    raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's max_len={model.cfg.max_len}")
+    raise ValueError(f"max_decode_len={max_decode_len} exceeds the model's "
+                     f"max_len={model.cfg.max_len}")
   dummy = jnp.zeros((batch_size, max_decode_len), jnp.int32)
   shapes = jax.eval_shape(lambda: model.apply({"params": params}, dummy, decode=True,
                                               mutable=["cache"])[1]["cache"])

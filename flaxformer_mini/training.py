@@ -659,7 +659,8 @@ def _mesh_step_fns(loss_fn, tx, parallel, batch_chunks, mesh_sizes, rules) -> St
   def put_batch(batch, global_rows=None):
     if jax.process_count() == 1:
       return jax.device_put(dict(batch), batch_sh)
-    if global_rows is not None and len(next(iter(batch.values()))) != global_rows:  # this process's rows only
+    # Fewer rows than the global batch: this process's rows only.
+    if global_rows is not None and len(next(iter(batch.values()))) != global_rows:
       return {k: jax.make_array_from_process_local_data(
           batch_sh, np.asarray(v), (global_rows,) + np.shape(v)[1:]) for k, v in batch.items()}
     # The same global batch on every process: each device takes its rows.

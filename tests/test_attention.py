@@ -139,7 +139,8 @@ def test_fully_masked_rows_are_zero_not_nan(rng):
 def test_weights_sum_to_one_on_unmasked_rows(rng):
   q, k, v = _qkv(rng, 2, 6, 6, 4, 2, 4)
   valid = _valid([6, 3], 6)
-  mask = attention.combine_masks(attention.causal_mask(6), attention.padding_mask(jnp.asarray(valid)))
+  mask = attention.combine_masks(attention.causal_mask(6),
+                                 attention.padding_mask(jnp.asarray(valid)))
   bias = jnp.asarray(rng.standard_normal((2, 4, 6, 6)).astype(np.float32)) * 3.0
   _, weights = dpa(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                                mask, bias, return_weights=True)
@@ -360,7 +361,8 @@ def test_mha_matches_flax_multi_head_dot_product_attention(mha_data, cross):
                                    attention.padding_mask(jnp.ones((2, 5), bool),
                                                           jnp.asarray(_valid([5, 3], 5))))
   ref_module = nn.MultiHeadDotProductAttention(num_heads=HEADS)
-  params = _randomize(jax.eval_shape(ref_module.init, jax.random.key(0), x, kv, mask=mask)["params"], 1)
+  shapes = jax.eval_shape(ref_module.init, jax.random.key(0), x, kv, mask=mask)["params"]
+  params = _randomize(shapes, 1)
   expected = jax.jit(ref_module.apply)({"params": params}, x, kv, mask=mask)
   ours = attention.MultiHeadAttention(num_heads=HEADS)
   got = jax.jit(ours.apply)({"params": params}, x, kv if cross else None, mask)
@@ -374,7 +376,8 @@ def test_fused_qkv_equals_unfused(mha_data):
   unfused = attention.MultiHeadAttention(num_heads=HEADS, num_kv_heads=2)
   p = _randomize(jax.eval_shape(unfused.init, jax.random.key(0), x, None, mask)["params"], 2)
   fused = attention.MultiHeadAttention(num_heads=HEADS, num_kv_heads=2, fused_qkv=True)
-  cat = lambda name, *parts: jnp.concatenate([p[n][name] for n in parts], axis=0 if name == "bias" else 1)
+  cat = lambda name, *parts: jnp.concatenate([p[n][name] for n in parts],
+                                             axis=0 if name == "bias" else 1)
   fused_params = {"qkv": {"kernel": cat("kernel", "query", "key", "value"),
                           "bias": cat("bias", "query", "key", "value")},
                   "out": p["out"]}
@@ -382,7 +385,8 @@ def test_fused_qkv_equals_unfused(mha_data):
   init_shapes = jax.tree_util.tree_map(
       jnp.shape, jax.eval_shape(fused.init, jax.random.key(0), x, None, mask)["params"])
   assert init_shapes == jax.tree_util.tree_map(jnp.shape, fused_params)
-  np.testing.assert_allclose(np.asarray(jax.jit(fused.apply)({"params": fused_params}, x, None, mask)),
+  np.testing.assert_allclose(np.asarray(jax.jit(fused.apply)({"params": fused_params}, x, None,
+                                                             mask)),
                              np.asarray(jax.jit(unfused.apply)({"params": p}, x, None, mask)),
                              atol=1e-6, rtol=0)
   # Cross-attention: one fused `kv` kernel over the memory.
@@ -464,7 +468,8 @@ def test_error_mask_of_wrong_shape_names_expected_and_actual(rng):
     attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                     jnp.ones((2, 1, 5, 6), bool))
   with pytest.raises(ValueError, match="not a multiple"):
-    attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k[:, :, :3]), jnp.asarray(v[:, :, :3]))
+    attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k[:, :, :3]),
+                                    jnp.asarray(v[:, :, :3]))
 
 
 # ---------------------------------------------------------------------------

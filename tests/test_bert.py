@@ -152,7 +152,8 @@ def test_importer_names_missing_tensor(tiny_checkpoint):
   cfg, tensors = tiny_checkpoint
   tensors = dict(tensors)
   del tensors["encoder.layer.1.attention.self.key.weight"]
-  with pytest.raises(ValueError, match=r"missing tensors \(1\): encoder\.layer\.1\.attention\.self\.key\.weight"):
+  with pytest.raises(ValueError, match=r"missing tensors \(1\): "
+                                       r"encoder\.layer\.1\.attention\.self\.key\.weight"):
     bert_lib.convert_hf_bert(tensors, cfg)
 
 
@@ -160,15 +161,17 @@ def test_importer_names_misshapen_tensor(tiny_checkpoint):
   cfg, tensors = tiny_checkpoint
   tensors = dict(tensors)
   tensors["encoder.layer.0.intermediate.dense.weight"] = np.zeros((47, 32), np.float32)
-  with pytest.raises(ValueError, match=r"encoder\.layer\.0\.intermediate\.dense\.weight \(47, 32\) "
-                                       r"-> layer_0/ffn/wi/kernel: expected \(32, 48\), got \(32, 47\)"):
+  with pytest.raises(ValueError, match=r"encoder\.layer\.0\.intermediate\.dense\.weight "
+                                       r"\(47, 32\) -> layer_0/ffn/wi/kernel: expected "
+                                       r"\(32, 48\), got \(32, 47\)"):
     bert_lib.convert_hf_bert(tensors, cfg)
 
 
 def test_importer_names_unexpected_tensor(tiny_checkpoint):
   cfg, tensors = tiny_checkpoint
   tensors = dict(tensors, **{"encoder.layer.2.output.dense.weight": np.zeros((32, 48))})
-  with pytest.raises(ValueError, match=r"unexpected tensors \(1\): encoder\.layer\.2\.output\.dense\.weight"):
+  with pytest.raises(ValueError, match=r"unexpected tensors \(1\): "
+                                       r"encoder\.layer\.2\.output\.dense\.weight"):
     bert_lib.convert_hf_bert(tensors, cfg)
 
 

@@ -297,8 +297,8 @@ def test_beam_search_with_prompt():
 
 
 def test_loops_stop_early_and_run_under_jit():
-  # EOS is impossible at step 0 and near-certain at step 1, so every search should stop after 2 calls
-  # although max_decode_len is 10.
+  # EOS is impossible at step 0 and near-certain at step 1, so every search should stop after
+  # 2 calls although max_decode_len is 10.
   max_len, batch = 10, 3
   model = MarkovModel(seed=6, vocab=5, max_len=max_len)
   model.table[0, :, EOS] = -1e9

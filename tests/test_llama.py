@@ -115,7 +115,8 @@ def test_smollm2_cached_greedy_equals_hf_generate(smollm2):
   out = np.asarray(generate(params, jnp.asarray(prompt)))
   for i, row in enumerate(ids):
     with torch.no_grad():
-      ref = hf.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+      ref = hf.generate(torch.tensor([row]),
+                        attention_mask=torch.ones(1, len(row), dtype=torch.long),
                         max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=eos)
     ref_new = ref[0, len(row):].tolist()
     ours_new = out[i, len(row) - 1:len(row) - 1 + NEW_TOKENS].tolist()
@@ -179,7 +180,8 @@ def test_importer_names_missing_unexpected_and_misshapen_tensors(tiny_hf_llama):
     llama.load_hf_llama(broken, config)
 
   with pytest.raises(ValueError, match="rope_scaling"):
-    llama.load_hf_llama(sd, dict(config.to_dict(), rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    llama.load_hf_llama(sd, dict(config.to_dict(),
+                                 rope_scaling={"rope_type": "linear", "factor": 2.0}))
 
 
 # ---------------------------------------------------------------------------

@@ -300,7 +300,8 @@ def test_seq2seq_cached_decoding_equals_full_forward(name):
 
 
 def test_beam_search_with_static_encoder_cache_equals_reordering_everything():
-  """Skipping the per-step beam reorder of encoder K/V (models.STATIC_CACHE_KEYS) changes nothing."""
+  """Skipping the per-step beam reorder of encoder K/V (models.STATIC_CACHE_KEYS) changes
+  nothing."""
   from flaxformer_mini import decoding
   cfg = SEQ2SEQ_CONFIGS["sinusoidal-post-layernorm"].replace(num_encoder_layers=1)
   model = models.Transformer(cfg)
@@ -342,7 +343,8 @@ def test_lm_cached_decoding_equals_full_forward(name):
 
   @jax.jit
   def cached(p, x):
-    tokens_to_logits, cache = models.lm_decoding_fns(model, p, x.shape[0], max_decode_len=x.shape[1])
+    tokens_to_logits, cache = models.lm_decoding_fns(model, p, x.shape[0],
+                                                     max_decode_len=x.shape[1])
     return _teacher_forced(tokens_to_logits, cache, x)
 
   # Same math over zero-padded, masked caches: 1e-5 absolute.

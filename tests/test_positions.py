@@ -85,8 +85,9 @@ def test_rotary_dot_product_depends_only_on_offset(rng):
   q = rng.standard_normal((1, 1, 1, d)).astype(np.float32)
   k = rng.standard_normal((1, 1, 1, d)).astype(np.float32)
   pos = np.arange(0, 24)[None, :]
-  rq = np.asarray(positions.apply_rotary(jnp.asarray(np.repeat(q, 24, 1)), jnp.asarray(pos)))[0, :, 0]
-  rk = np.asarray(positions.apply_rotary(jnp.asarray(np.repeat(k, 24, 1)), jnp.asarray(pos)))[0, :, 0]
+  rotate = lambda a: np.asarray(positions.apply_rotary(jnp.asarray(np.repeat(a, 24, 1)),
+                                                       jnp.asarray(pos)))[0, :, 0]
+  rq, rk = rotate(q), rotate(k)
   dots = rq @ rk.T                                   # dots[m, n] = <R_m q, R_n k>
   for offset in (-5, -1, 0, 2, 7):
     diag = np.diagonal(dots, offset=offset)

@@ -202,7 +202,8 @@ def test_decode_same_tokens_scanned_and_unscanned(base, beam):
 
 
 def test_scanned_cache_is_batch_major():
-  """decoding.py reads every cache leaf with ndim >= 1 as [batch, ...]; a scanned cache keeps that."""
+  """decoding.py reads every cache leaf with ndim >= 1 as [batch, ...]; a scanned cache keeps
+  that."""
   cfg = SEQ2SEQ.replace(scan_layers=True, dropout_rate=0.0, attention_dropout_rate=0.0)
   model = models.Transformer(cfg)
   params = _init(model, cfg)

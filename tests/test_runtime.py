@@ -88,7 +88,8 @@ def test_reexec_puts_xla_buffers_on_huge_pages(tmp_path):
 
   def run(**env):
     out = subprocess.run([sys.executable, str(script), "--flag", "x y"], capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env))
+                         text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env))
     assert out.returncode == 0, out.stderr[-2000:]
     return [line.split(" ", 1) for line in out.stdout.splitlines()]
 

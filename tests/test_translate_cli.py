@@ -1,8 +1,9 @@
 """The translate entry point on a real (tiny) training run: CLI, Translator, errors.
 
 The session fixture ``smoke_run_dir`` (conftest.py) runs ``train.py`` on configs/smoke.py
-for a few dozen steps; every test then decodes its checkpoints. Most CLI calls run ``translate.main`` in-process
-so that all tests share the compiled searches (one compile per search kind).
+for a few dozen steps; every test then decodes its checkpoints. Most CLI calls run
+``translate.main`` in-process so that all tests share the compiled searches (one compile per
+search kind).
 """
 
 import functools

@@ -222,7 +222,8 @@ class LMTask:
 
   # -- model and loss ------------------------------------------------------------------
   def init_params(self, rng: jax.Array):
-    return jax.jit(self.model.init)(rng, jnp.ones((1, self.config.data.seq_len), jnp.int32))["params"]
+    ids = jnp.ones((1, self.config.data.seq_len), jnp.int32)
+    return jax.jit(self.model.init)(rng, ids)["params"]
 
   def loss_and_metrics(self, params, batch, rng, deterministic):
     logits = self.model.apply({"params": params}, batch["inputs"],
@@ -247,8 +248,9 @@ class LMTask:
       self._eval_cache = []
       for start in range(0, len(picked), d.eval_batch_size):
         chunk = picked[start:start + d.eval_batch_size]
-        pad = [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (d.eval_batch_size - len(chunk))
-        self._eval_cache.append({k: np.concatenate([r[k] for r in chunk + pad]) for k in BATCH_KEYS})
+        blank = {k: np.zeros_like(v) for k, v in chunk[0].items()}
+        rows = chunk + [blank] * (d.eval_batch_size - len(chunk))
+        self._eval_cache.append({k: np.concatenate([r[k] for r in rows]) for k in BATCH_KEYS})
     return list(self._eval_cache)
 
   # -- generation ----------------------------------------------------------------------

@@ -309,7 +309,8 @@ class BertForSequenceClassification(nn.Module):
 _IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.weight",
             "cls.predictions.decoder.bias")
 # head -> (HF tensor prefix, our param name, module whose tree the import fills).
-_HEADS = {None: (None, None), "mlm": ("cls.", "mlm"), "classification": ("classifier.", "classifier")}
+_HEADS = {None: (None, None), "mlm": ("cls.", "mlm"),
+          "classification": ("classifier.", "classifier")}
 
 
 def _hf_rules(cfg: BertConfig, head: str | None) -> list[Rule]:
@@ -414,8 +415,8 @@ def load_hf_bert(path_or_dir: str, *, head: str | None = None,
 
   Returns:
     (config, params): ``BertModel(config).apply({"params": params}, ids, mask)``
-    (or the `BertForMaskedLM` / `BertForSequenceClassification` tree for ``head``). The pooler is enabled iff the
-    checkpoint has ``pooler.dense.*`` tensors.
+    (or the `BertForMaskedLM` / `BertForSequenceClassification` tree for ``head``). The
+    pooler is enabled iff the checkpoint has ``pooler.dense.*`` tensors.
   """
   from safetensors.numpy import load_file  # only needed for import
   weights, config_path = _resolve(path_or_dir)

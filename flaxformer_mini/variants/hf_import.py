@@ -40,7 +40,8 @@ def linear(w: np.ndarray) -> np.ndarray:
 
 
 def split_heads(heads: int, head_dim: int) -> Callable[[np.ndarray], np.ndarray]:
-  """q/k/v projection [heads * head_dim, d_model] -> DenseGeneral kernel [d_model, heads, head_dim]."""
+  """q/k/v projection [heads * head_dim, d_model] -> DenseGeneral kernel
+  [d_model, heads, head_dim]."""
   return lambda w: w.T.reshape(w.shape[1], heads, head_dim)
 
 

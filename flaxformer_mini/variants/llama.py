@@ -54,8 +54,8 @@ def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: i
 
   Pre-norm RMSNorm (and a final norm), rotary positions, SwiGLU feed-forward of width
   ``d_ff``, no biases, grouped-query attention with ``num_kv_heads`` key/value heads,
-  unscaled input embeddings (initialized N(0, 0.02²)), logits from a separate ``[d_model, vocab]`` matrix unless
-  ``tie_embeddings``.
+  unscaled input embeddings (initialized N(0, 0.02²)), logits from a separate
+  ``[d_model, vocab]`` matrix unless ``tie_embeddings``.
   """
   return TransformerConfig(
       vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -159,10 +159,14 @@ def load_hf_llama(state_dict_or_model: Any, hf_config: Any, *, max_len: int | No
     attn = ours + ("self_attention",)
     rules += [
         Rule(ours + ("norm_self_attention", "scale"), hf + "input_layernorm.weight"),
-        Rule(attn + ("query", "kernel"), hf + "self_attn.q_proj.weight", hf_import.split_heads(h, hd)),
-        Rule(attn + ("key", "kernel"), hf + "self_attn.k_proj.weight", hf_import.split_heads(kv, hd)),
-        Rule(attn + ("value", "kernel"), hf + "self_attn.v_proj.weight", hf_import.split_heads(kv, hd)),
-        Rule(attn + ("out", "kernel"), hf + "self_attn.o_proj.weight", hf_import.merge_heads(h, hd)),
+        Rule(attn + ("query", "kernel"), hf + "self_attn.q_proj.weight",
+             hf_import.split_heads(h, hd)),
+        Rule(attn + ("key", "kernel"), hf + "self_attn.k_proj.weight",
+             hf_import.split_heads(kv, hd)),
+        Rule(attn + ("value", "kernel"), hf + "self_attn.v_proj.weight",
+             hf_import.split_heads(kv, hd)),
+        Rule(attn + ("out", "kernel"), hf + "self_attn.o_proj.weight",
+             hf_import.merge_heads(h, hd)),
         Rule(ours + ("norm_ffn", "scale"), hf + "post_attention_layernorm.weight"),
         Rule(ours + ("ffn", "wi_0", "kernel"), hf + "mlp.gate_proj.weight", hf_import.linear),
         Rule(ours + ("ffn", "wi_1", "kernel"), hf + "mlp.up_proj.weight", hf_import.linear),

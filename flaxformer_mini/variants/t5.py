@@ -179,8 +179,9 @@ def load_hf_t5(state_dict: Any, hf_config: Any, *, max_len: int = 512
   if cfg.tie_output:
     copies.append("lm_head.weight")
   for name in copies:
-    if name in sd and "shared.weight" in sd and not (
-        sd[name].shape == sd["shared.weight"].shape and np.array_equal(sd[name], sd["shared.weight"])):
+    shared = sd.get("shared.weight")
+    if name in sd and shared is not None and not (
+        sd[name].shape == shared.shape and np.array_equal(sd[name], shared)):
       raise ValueError(f"{name} differs from shared.weight, but this T5 ties them "
                        f"(tie_word_embeddings={cfg.tie_output})")
   expected = hf_import.expected_params(Transformer(cfg), jnp.zeros((1, 1), jnp.int32),
