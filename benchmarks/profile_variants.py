@@ -185,8 +185,9 @@ def main(argv=None):
     print(f"  built {name} ({time.perf_counter() - t0:.1f} s incl. compile)")
     sys.stdout.flush()
   cpu = {name: [] for name in steps}
-  timed = {name: (lambda name=name, s=_timed(step): cpu[name].append(s()))
-           for name, step in steps.items()}
+  def recorded(name, timed_step):
+    return lambda: cpu[name].append(timed_step())
+  timed = {name: recorded(name, _timed(step)) for name, step in steps.items()}
   wall = common.interleaved(timed, rounds=args.rounds, steps_per_round=args.steps_per_round)
   base = names[0]
   results = {}

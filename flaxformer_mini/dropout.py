@@ -61,7 +61,7 @@ def keep_mask(key: Array, shape: tuple[int, ...], rate: float, impl: str = "hash
   shape = tuple(int(s) for s in shape)
   if impl == "threefry":
     return jax.random.bernoulli(key, 1.0 - rate, shape)
-  threshold = min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
+  threshold = min(round(rate * 2.0 ** 32), 2 ** 32 - 1)
   return hash_bits(key, shape) >= jnp.uint32(threshold)
 
 

@@ -403,7 +403,7 @@ def unstack_layers(params: Mapping[str, Any], cfg: TransformerConfig) -> dict:
       raise ValueError(f"unstack_layers: {stack}/{SCANNED_LAYERS} leaves must lead with "
                        f"{num_key}={n}, got shapes {bad[:3]}")
     for i in range(n):
-      sub[f"layer_{i}"] = jax.tree_util.tree_map(lambda x: x[i], layers)
+      sub[f"layer_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], layers)
     out[stack] = sub
   return out
 

@@ -99,4 +99,4 @@ def reexec_with_huge_pages() -> None:
     os.execve(sys.executable, list(sys.orig_argv), env)
   except OSError as e:  # e.g. no usable sys.executable: run on without huge pages
     warnings.warn(f"could not re-execute {sys.executable!r} with huge pages ({e}); "
-                  "continuing without them", RuntimeWarning)
+                  "continuing without them", RuntimeWarning, stacklevel=2)

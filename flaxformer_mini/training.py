@@ -445,7 +445,7 @@ def chunked_loss(loss_fn: LossFn, params: PyTree, batch: Batch, rng: jax.Array,
     # Chunk i takes rows i, i + chunks, ...: on a row-sharded batch each device keeps
     # its own rows (contiguous slices would move rows between devices).
     part = jax.tree_util.tree_map(
-        lambda x: x.reshape((size, chunks) + x.shape[1:])[:, i], batch)
+        lambda x, i=i: x.reshape((size, chunks) + x.shape[1:])[:, i], batch)
     out = loss_fn(params, part, jax.random.fold_in(rng, i), deterministic)
     total = out if total is None else jax.tree_util.tree_map(jnp.add, total, out)
   return total

@@ -176,7 +176,7 @@ def test_importer_names_unexpected_tensor(tiny_checkpoint):
 
 
 def test_load_hf_bert_reports_missing_files(tmp_path):
-  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+  with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
     bert_lib.load_hf_bert(tmp_path)
 
 

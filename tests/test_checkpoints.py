@@ -189,7 +189,7 @@ def test_nonfinite_update_is_never_applied():
 
 def test_checkpointer_refuses_a_nonfinite_state(tmp_path):
   ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2, keep_best=0, async_save=False)
-  with pytest.raises(ValueError, match='refusing to save checkpoint step 3: .*NaN/inf'):
+  with pytest.raises(ValueError, match=r'refusing to save checkpoint step 3: .*NaN/inf'):
     _save(ckpt, 3, _state(_tx(), value=np.nan))
   assert ckpt.steps() == []
   ckpt.close()
@@ -327,9 +327,11 @@ def test_disk_full_names_the_directory_and_keeps_the_last_good(tmp_path, async_s
     ckpt.wait()
     noise = jax.random.normal(jax.random.PRNGKey(1), (256, 1024))  # incompressible
     big = training.TrainState.create({'w': noise}, _tx(), jax.random.PRNGKey(0))
-    with pytest.raises(checkpoints.CheckpointWriteError) as info:
+    def save_and_wait():  # an async save reports the error from wait()
       _save(ckpt, 2, big)
       ckpt.wait()
+    with pytest.raises(checkpoints.CheckpointWriteError) as info:
+      save_and_wait()
     assert str(info.value).startswith(f'[Errno 28] no space left on {run_dir}/checkpoints: '
                                       'checkpoint step 2' if not async_save else
                                       f'[Errno 28] no space left on {run_dir}/checkpoints')

@@ -103,10 +103,10 @@ def test_tsv_errors_name_the_problem(tmp_path):
   bad = _write_tsv(tmp_path / 'bad.tsv.gz', [('only', 'two')])
   with pytest.raises(ValueError, match=r'bad.tsv.gz line 1: expected 3'):
     list(data.read_tsv(bad, 'pt'))
-  with pytest.raises(FileNotFoundError, match='nope.tsv.gz'):
+  with pytest.raises(FileNotFoundError, match=r'nope\.tsv\.gz'):
     data.tsv_builder({'train': str(tmp_path / 'nope.tsv.gz'), 'validation': bad},
                      other_lang='pt', data_dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match='en-pt.train.tsv.gz'):
+  with pytest.raises(FileNotFoundError, match=r'en-pt\.train\.tsv\.gz'):
     data.shared_paths(str(tmp_path))
 
 
@@ -137,7 +137,7 @@ def test_tokenizer_special_ids_and_round_trip(tokenizer, tmp_path):
 
 
 def test_tokenizer_errors(tokenizer, tmp_path):
-  with pytest.raises(FileNotFoundError, match='spm.model'):
+  with pytest.raises(FileNotFoundError, match=r'spm\.model'):
     data.load_tokenizer(str(tmp_path))
   data.check_vocab(tokenizer, 128)
   with pytest.raises(ValueError, match='vocab_size=128, expected vocab_size=32000'):

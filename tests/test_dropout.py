@@ -100,7 +100,7 @@ def test_transformer_dropout_impl_switches_the_masks_only():
 def test_bad_dropout_arguments_are_named():
   with pytest.raises(ValueError, match="dropout impl='philox'"):
     dropout_lib.keep_mask(jax.random.key(0), (3,), 0.1, impl="philox")
-  with pytest.raises(ValueError, match="rate=1.0"):
+  with pytest.raises(ValueError, match=r"rate=1\.0"):
     dropout_lib.keep_mask(jax.random.key(0), (3,), 1.0)
   with pytest.raises(ValueError, match="needs a PRNG key"):
     dropout_lib.dropout(jnp.ones(3), None, 0.1)

@@ -56,7 +56,8 @@ def test_export_directory_contents(export_dir, tiny_translator):
   names = sorted(os.listdir(export_dir))
   assert names == ['beam.jaxexport', 'export.json', 'greedy.jaxexport', 'params.npz',
                    'run_export.py', 'spm.model']
-  meta = json.load(open(os.path.join(export_dir, 'export.json')))
+  with open(os.path.join(export_dir, 'export.json')) as f:
+    meta = json.load(f)
   assert meta['format'] == exported_runner.FORMAT
   assert (meta['beam_size'], meta['max_len'], meta['max_decode_len']) == (3, 16, 10)
   n = sum(x.size for x in jax.tree_util.tree_leaves(tiny_translator.params))
@@ -103,7 +104,7 @@ def test_runner_refuses_bad_input(export_dir, tmp_path):
     runner.search_ids(np.ones((1, 17), np.int32), 'greedy')
   with pytest.raises(ValueError, match="method='sample'"):
     runner.search_ids(np.ones((1, 4), np.int32), 'sample')
-  with pytest.raises(FileNotFoundError, match='no export.json'):
+  with pytest.raises(FileNotFoundError, match=r'no export\.json'):
     exported_runner.ExportedTranslator(str(tmp_path))
 
 

@@ -100,7 +100,8 @@ def test_smollm2_cached_greedy_equals_hf_generate(smollm2):
   import torch
   cfg, params, ids, hf = smollm2["cfg"], smollm2["params"], smollm2["ids"], smollm2["hf"]
   bos, eos, pad = hf.config.bos_token_id, hf.generation_config.eos_token_id, 0
-  assert all(r[0] == bos for r in ids) and pad not in sum(ids, []) and eos not in sum(ids, [])
+  flat = [t for r in ids for t in r]
+  assert all(r[0] == bos for r in ids) and pad not in flat and eos not in flat
   prompt = _right_pad([r[1:] for r in ids], pad)   # greedy_search feeds BOS itself
   max_decode_len = prompt.shape[1] + NEW_TOKENS
   model = DecoderOnlyLM(cfg)

@@ -133,7 +133,7 @@ def test_cached_decoding_equals_full_pass_and_hf_generate(t5_pair):
 
 
 def test_importer_errors_name_the_tensors(t5_pair):
-  version, hf, _, _ = t5_pair
+  _, hf, _, _ = t5_pair
   sd = {k: v.numpy() for k, v in hf.state_dict().items()}
   broken = dict(sd)
   del broken["decoder.block.1.layer.1.EncDecAttention.k.weight"]

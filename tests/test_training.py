@@ -100,7 +100,8 @@ def test_grad_accumulation_equals_big_batch(rng):
         state, _ = fns.train(state, b)
     return state.params
 
-  micro = [jax.tree_util.tree_map(lambda x: x[i * rows:(i + 1) * rows], big) for i in range(k)]
+  micro = [jax.tree_util.tree_map(lambda x, i=i: x[i * rows:(i + 1) * rows], big)
+           for i in range(k)]
   accumulated = run(k, micro)
   single = run(1, [big])
   for a, b in zip(jax.tree_util.tree_leaves(accumulated), jax.tree_util.tree_leaves(single)):
@@ -454,14 +455,14 @@ def test_load_for_inference_errors_name_what_is_missing(runs, tmp_path):
   reference = runs[0]['reference']
   with pytest.raises(FileNotFoundError, match='run directory not found'):
     checkpoints.load_for_inference(str(tmp_path / 'nope'))
-  with pytest.raises(FileNotFoundError, match='missing .*checkpoints'):
+  with pytest.raises(FileNotFoundError, match=r'missing .*checkpoints'):
     checkpoints.load_for_inference(str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r'step 999 not found.*available steps: \['):
     checkpoints.load_for_inference(reference, step=999)
   copy = str(tmp_path / 'no_spm')
   shutil.copytree(os.path.join(reference, 'checkpoints'),
                   os.path.join(copy, 'checkpoints'))
-  with pytest.raises(FileNotFoundError, match='tokenizer file missing.*spm.model'):
+  with pytest.raises(FileNotFoundError, match=r'tokenizer file missing.*spm\.model'):
     checkpoints.load_for_inference(copy)
 
 

@@ -24,8 +24,9 @@ from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data import tokenizer as tok_lib
 from flaxformer_mini.models import Transformer, seq2seq_decoding_fns
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from conftest import SMOKE_MAX_DECODE_LEN as MAX_DECODE_LEN
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SOURCES = ['O certificado diverge.', 'Eu gosto de gatos.',
            'A casa é muito grande e bonita.', 'Obrigado.',

@@ -34,7 +34,7 @@ def _images(rng, n=4, c=3):
 
 def _reference_patches(images, p):
   """Loop-based reference: patch (i, j) -> flattened images[:, i*p:(i+1)*p, j*p:(j+1)*p, :]."""
-  b, h, w, c = images.shape
+  b, h, w, _ = images.shape
   out = [images[:, i * p:(i + 1) * p, j * p:(j + 1) * p, :].reshape(b, -1)
          for i in range(h // p) for j in range(w // p)]
   return np.stack(out, axis=1)
@@ -77,7 +77,7 @@ def test_class_token_prepended_and_positions_added(rng):
 
 def _permute_patches(images, p, perm):
   """Moves patch perm[n] to grid slot n (row-major)."""
-  b, h, w, c = images.shape
+  w = images.shape[2]
   g = w // p
   out = np.empty_like(images)
   for n, m in enumerate(perm):

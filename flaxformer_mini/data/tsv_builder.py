@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -108,7 +109,7 @@ class TsvTranslate(tfds.core.GeneratorBasedBuilder):
   """Parallel text from local gzip'd TSV files; features {'en', other_lang, 'source'}."""
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {'1.0.0': 'Initial release.'}
 
   # tfds 4.9.10 computes `code_path` (to look for a checksums file) through the
   # third-party `importlib_resources` backport, which it only declares for Python < 3.9,
@@ -145,8 +146,7 @@ class TsvTranslate(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(path) for split, path in paths.items()}
 
   def _generate_examples(self, path):
-    for i, ex in enumerate(read_tsv(path, self.builder_config.other_lang)):
-      yield i, ex
+    yield from enumerate(read_tsv(path, self.builder_config.other_lang))
 
 
 def _fingerprint(paths: Mapping[str, str]) -> str:

