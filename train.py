@@ -191,12 +191,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   say = print if main_process else (lambda *a, **k: None)
   os.makedirs(workdir, exist_ok=True)
   t_setup = time.time()
-  tx, schedule = training.make_optimizer(config)
   # Process 0 builds the task first (tokenizer, TFDS files, token caches); the others
   # then find everything written and only read it.
   if not main_process:
     _sync('task files written')
   task = tasks.get_task(config, workdir)
+  # The task knows its model's width (a pretrained encoder's may differ from config.model).
+  tx, schedule = training.make_optimizer(config, getattr(task, 'd_model', None))
   mesh = config.get('mesh', {})
   fns = training.make_step_fns(
       task.loss_and_metrics, tx, config.parallel, config.batch_chunks,

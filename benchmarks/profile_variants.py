@@ -63,7 +63,7 @@ def train_variants(names):
       b1=ADAM["b1"], b2=ADAM["b2"], eps=ADAM["eps"], clip_norm=0.0, weight_decay=0.0,
       accum_steps=1, label_smoothing=0.0))
   tx, _ = training.make_optimizer(ml_collections.ConfigDict(dict(
-      optimizer=opt, model=dict(d_model=MODEL["d_model"]), num_train_steps=10 ** 6)))
+      optimizer=opt, num_train_steps=10 ** 6)), MODEL["d_model"])
 
   def build(name):
     cfg = TransformerConfig(**MODEL, fused_qkv=(name == "fused_qkv"),

@@ -142,17 +142,24 @@ def rsqrt_schedule(d_model: int, warmup_steps: int, factor: float = 1.0) -> opta
   return schedule
 
 
-def make_schedule(opt: Mapping[str, Any], d_model: int, num_train_steps: int) -> optax.Schedule:
+def make_schedule(opt: Mapping[str, Any], d_model: int | None,
+                  num_train_steps: int) -> optax.Schedule:
   """The learning-rate schedule named by ``opt.schedule`` ('rsqrt' | 'cosine' | 'constant').
 
-  rsqrt:    the paper's warmup + inverse square root, scaled by ``opt.lr_factor``.
+  rsqrt:    the paper's warmup + inverse square root, scaled by ``opt.lr_factor`` and
+            ``d_model^-0.5`` (the model's width; None is an error).
   cosine:   linear warmup to ``opt.learning_rate`` then cosine decay to 0 at
             ``num_train_steps`` (optax.warmup_cosine_decay_schedule).
   constant: ``opt.learning_rate``.
   """
   kind = opt['schedule']
   if kind == 'rsqrt':
-    return rsqrt_schedule(d_model, opt['warmup_steps'], opt['lr_factor'])
+    if d_model is None or isinstance(d_model, bool) or int(d_model) < 1:
+      raise ValueError(f"config.optimizer.schedule='rsqrt' scales the learning rate by "
+                       f"d_model^-0.5, but the model width is d_model={d_model!r} (expected an "
+                       "integer >= 1 from the task's model); use schedule 'cosine' or "
+                       "'constant' with optimizer.learning_rate")
+    return rsqrt_schedule(int(d_model), opt['warmup_steps'], opt['lr_factor'])
   if kind == 'cosine':
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=opt['learning_rate'],
@@ -242,8 +249,12 @@ def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config, d_model: int | None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer from ``config.optimizer`` (see configs/common.py).
+
+  ``d_model`` is the width of the model being trained (a task's ``d_model``), which the
+  'rsqrt' schedule scales by; None for a model without one (then 'rsqrt' is an error).
 
   Chain: clip_by_global_norm(clip_norm) -> Adam(b1, b2, eps) [-> decoupled weight decay
   on `decay_mask` params] -> -schedule [-> x layer_decay^depth (`scale_by_layer_decay`)
@@ -254,7 +265,6 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     (tx, schedule).
   """
   opt = config.optimizer
-  d_model = config.model.d_model if 'd_model' in config.model else 1
   schedule = make_schedule(opt, d_model, config.num_train_steps)
   parts = []
   if opt.clip_norm and opt.clip_norm > 0:

@@ -73,6 +73,21 @@ def test_rsqrt_schedule_matches_formula():
   assert int(np.argmax(peak)) == warmup - 1
 
 
+def test_rsqrt_scales_by_the_width_passed_and_needs_one():
+  config = smoke.get_config()
+  config.optimizer.update(schedule='rsqrt', warmup_steps=50, lr_factor=2.0)
+  config.model.d_model = 32  # not read: the task states its model's width
+  _, sched = training.make_optimizer(config, 256)
+  np.testing.assert_allclose(float(sched(0)), 2.0 * 256 ** -0.5 * 50 ** -1.5, rtol=1e-6)
+  for width in (None, 0):
+    with pytest.raises(ValueError, match=r"^config\.optimizer\.schedule='rsqrt' scales the "
+                       rf"learning rate by d_model\^-0\.5, but the model width is d_model={width}"):
+      training.make_optimizer(config, width)
+  config.optimizer.schedule = 'cosine'  # needs no width
+  _, sched = training.make_optimizer(config, None)
+  assert float(sched(0)) == 0.0 and float(sched(50)) == pytest.approx(1e-3)
+
+
 def _toy_loss(params, batch, rng, deterministic):
   del rng, deterministic
   logits = batch['x'] @ params['w'] + params['b']
@@ -91,7 +106,7 @@ def test_grad_accumulation_equals_big_batch(rng):
 
   def run(accum, batches):
     config.optimizer.accum_steps = accum
-    tx, _ = training.make_optimizer(config)
+    tx, _ = training.make_optimizer(config, None)
     fns = training.make_step_fns(_toy_loss, tx, 'jit')
     state = training.TrainState.create(jax.tree_util.tree_map(jnp.array, params), tx,
                                        jax.random.PRNGKey(0))  # own copies: steps donate
@@ -116,7 +131,7 @@ def test_batch_chunks_give_the_unchunked_update(rng):
   batch = {'x': jnp.asarray(rng.normal(size=(8, 3, 6)), jnp.float32),
            'y': jnp.asarray(rng.integers(0, 5, size=(8, 3))),
            'mask': jnp.asarray(rng.random((8, 3)) > 0.4, jnp.float32)}  # unequal per chunk
-  tx, _ = training.make_optimizer(config)
+  tx, _ = training.make_optimizer(config, None)
 
   def run(chunks):
     fns = training.make_step_fns(_toy_loss, tx, 'jit', batch_chunks=chunks)
@@ -198,7 +213,7 @@ def test_layer_depths_follow_the_layer_names(rng):
 
 
 def _one_adam_update(config, params, grads):
-  tx, _ = training.make_optimizer(config)
+  tx, _ = training.make_optimizer(config, None)
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
 
@@ -238,8 +253,8 @@ def test_layer_decay_off_is_the_unchanged_optimizer(rng):
   without = smoke.get_config()
   without.optimizer.update(schedule='constant', learning_rate=0.01, weight_decay=0.1)
   del without.optimizer['layer_decay']  # a config from before the field existed
-  tx, _ = training.make_optimizer(config)
-  tx_without, _ = training.make_optimizer(without)
+  tx, _ = training.make_optimizer(config, None)
+  tx_without, _ = training.make_optimizer(without, None)
   assert (jax.tree_util.tree_structure(tx.init(params))
           == jax.tree_util.tree_structure(tx_without.init(params)))  # checkpoints still fit
   for a, b in zip(jax.tree_util.tree_leaves(_one_adam_update(config, params, grads)),
@@ -255,7 +270,7 @@ def test_layer_decay_errors_name_the_config_key():
                        r'in \(0, 1\]'):
       training.validate_config(config)
   config.optimizer.layer_decay = 0.9
-  tx, _ = training.make_optimizer(config)
+  tx, _ = training.make_optimizer(config, config.model.d_model)
   with pytest.raises(ValueError, match=r'^config.optimizer.layer_decay=0.9: no parameter path '
                      r'has a layer_<i> part'):
     tx.init({'w': jnp.ones((2, 2))})
@@ -363,6 +378,14 @@ def test_loss_goes_down_and_outputs_exist(runs):
   assert np.mean(train_losses[-4:]) < 0.8 * np.mean(train_losses[:2])
   assert 'dev/bleu' in final and 0 <= final['dev/bleu'] <= 100
   assert final['dev/nll'] < np.log(smoke.get_config().model.vocab_size)
+  # train.py gave make_optimizer the task's model width: the paper's rsqrt rate of d_model 32.
+  c = smoke.get_config()
+  for m in _metrics(workdir):
+    if 'learning_rate' in m:
+      s = m['step']
+      want = c.optimizer.lr_factor * c.model.d_model ** -0.5 * min(
+          s ** -0.5, s * c.optimizer.warmup_steps ** -1.5)
+      np.testing.assert_allclose(m['learning_rate'], want, rtol=1e-6, err_msg=str(s))
   assert glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
   config, params, tokenizer = checkpoints.load_for_inference(workdir)
   assert config.model.d_model == smoke.get_config().model.d_model
@@ -438,7 +461,7 @@ def test_corrupt_latest_checkpoint_falls_back(runs, tmp_path, caplog):
     with open(f, 'r+b') as fh:
       fh.truncate(os.path.getsize(f) // 2)
   c = smoke.get_config()
-  tx, _ = training.make_optimizer(c)
+  tx, _ = training.make_optimizer(c, c.model.d_model)
   target = training.TrainState.create(_final_params(reference), tx, jax.random.PRNGKey(0))
   with caplog.at_level('WARNING'):
     step, state, data_state, meta = ckpt.restore_latest(target)

@@ -29,9 +29,12 @@ class Task(Protocol):
     name: registry name.
     assets: {filename: path} of files a run needs at inference time, kept in the
       run dir (e.g. the tokenizer); `checkpoints` records their sha256.
+    d_model: the trained model's width, which the 'rsqrt' learning-rate schedule scales
+      by (`training.make_optimizer`); None for a model without one single width.
   """
   name: str
   assets: dict[str, str]
+  d_model: int | None
 
   def init_params(self, rng: jax.Array) -> PyTree:
     """Fresh parameters (host or device arrays)."""

@@ -491,6 +491,11 @@ class ClassificationTask:
 
   # -- model and loss ------------------------------------------------------------------
 
+  @property
+  def d_model(self) -> int:
+    """The model's width, which the 'rsqrt' learning-rate schedule scales by."""
+    return self.bert_config.encoder.d_model
+
   def init_params(self, rng: jax.Array) -> PyTree:
     """Random params; with ``init_from`` the encoder (``bert``) is the pretrained one."""
     ids = jnp.ones((1, 8), jnp.int32)

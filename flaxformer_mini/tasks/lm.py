@@ -221,6 +221,11 @@ class LMTask:
     self._generate = jax.jit(self._generate_batch, static_argnames=("max_len",))
 
   # -- model and loss ------------------------------------------------------------------
+  @property
+  def d_model(self) -> int:
+    """The model's width, which the 'rsqrt' learning-rate schedule scales by."""
+    return self.model_config.d_model
+
   def init_params(self, rng: jax.Array):
     ids = jnp.ones((1, self.config.data.seq_len), jnp.int32)
     return jax.jit(self.model.init)(rng, ids)["params"]

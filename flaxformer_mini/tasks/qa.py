@@ -464,6 +464,11 @@ class QATask:
     d = self.config.data
     return list(padded_batches(self.dev_loss_features, d.eval_batch_size, d.length_bucket))
 
+  @property
+  def d_model(self) -> int:
+    """The model's width, which the 'rsqrt' learning-rate schedule scales by."""
+    return self.bert_config.encoder.d_model
+
   def init_params(self, rng: jax.Array) -> PyTree:
     """Random params; with ``init_from`` the encoder (``bert``) is the pretrained one."""
     ids = jnp.ones((1, 8), jnp.int32)

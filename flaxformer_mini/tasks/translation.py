@@ -84,6 +84,11 @@ class Seq2SeqTask:
 
   # -- model and loss ------------------------------------------------------------------
 
+  @property
+  def d_model(self) -> int:
+    """The model's width, which the 'rsqrt' learning-rate schedule scales by."""
+    return self.model_config.d_model
+
   def init_params(self, rng: jax.Array) -> PyTree:
     d = self.config.data
     src = jnp.ones((1, d.max_source_len), jnp.int32)

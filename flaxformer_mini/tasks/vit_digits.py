@@ -128,6 +128,11 @@ class ViTDigitsTask:
     self.assets: dict[str, str] = {}
     self._predict = jax.jit(lambda p, x: jnp.argmax(self.model.apply({"params": p}, x), -1))
 
+  @property
+  def d_model(self) -> int:
+    """The model's width, which the 'rsqrt' learning-rate schedule scales by."""
+    return self.model_config.encoder.d_model
+
   def init_params(self, rng: jax.Array):
     images = jnp.zeros((1, *self.model_config.image_size, self.model_config.num_channels))
     return jax.jit(self.model.init)(rng, images)["params"]
