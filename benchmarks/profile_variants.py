@@ -61,7 +61,7 @@ def train_variants(names):
   opt = ml_collections.ConfigDict(dict(
       schedule="constant", learning_rate=ADAM["learning_rate"], lr_factor=1.0, warmup_steps=1,
       b1=ADAM["b1"], b2=ADAM["b2"], eps=ADAM["eps"], clip_norm=0.0, weight_decay=0.0,
-      accum_steps=1, label_smoothing=0.0))
+      accum_steps=1))
   tx, _ = training.make_optimizer(ml_collections.ConfigDict(dict(
       optimizer=opt, num_train_steps=10 ** 6)), MODEL["d_model"])
 

@@ -139,7 +139,7 @@ def make_ours(batch: dict, impl: str = "auto", batch_chunks: int = 4):
     opt = ml_collections.ConfigDict(dict(
         schedule="constant", learning_rate=ADAM["learning_rate"], lr_factor=1.0,
         warmup_steps=1, b1=ADAM["b1"], b2=ADAM["b2"], eps=ADAM["eps"], clip_norm=0.0,
-        weight_decay=0.0, accum_steps=1, label_smoothing=0.0))
+        weight_decay=0.0, accum_steps=1))
     config = ml_collections.ConfigDict(dict(optimizer=opt, num_train_steps=10 ** 6))
     tx, _ = training.make_optimizer(config, cfg.d_model)
 

@@ -70,7 +70,7 @@ def classification_config(dataset: str, variant: str = '') -> ml_collections.Con
   o.weight_decay = 0.01
   o.layer_decay = 1.0                 # e.g. 0.9: layer i of MiniLM's 6 at lr x 0.9^(6-i), the
                                       # embeddings 0.9^7 (ELECTRA/BEiT); off until measured
-  o.label_smoothing = 0.0
+  c.loss.label_smoothing = 0.0
   if variant == 'scratch':
     c.model.init_from = ''
     o.learning_rate = 5e-4

@@ -93,7 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.accum_steps = 1         # optax.MultiSteps micro-batches per update
   c.optimizer.layer_decay = 1.0       # fine-tuning: lr x decay^(L-i) for layer_<i> of L,
                                       # decay^(L+1) for embeddings, 1 for heads; 1 = off
-  c.optimizer.label_smoothing = 0.1
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_smoothing = 0.1        # trained on (1-a)*onehot + a/V targets; nll/ppl stay plain
 
   c.eval = ml_collections.ConfigDict()
   c.eval.final_bleu = True            # decode the dev set at the end (BLEU + samples)

@@ -31,7 +31,7 @@ def get_config():
   c.optimizer.schedule = 'cosine'
   c.optimizer.learning_rate = 7e-3
   c.optimizer.warmup_steps = 40
-  c.optimizer.label_smoothing = 0.1
+  c.loss.label_smoothing = 0.1
   c.eval.max_decode_len = 48
   c.eval.decode_batch_size = 100
   return c

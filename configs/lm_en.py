@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.1
-  c.optimizer.label_smoothing = 0.0
+  c.loss.label_smoothing = 0.0
 
   c.eval.final_bleu = True            # (train.py's name) run task.evaluate at the end
   c.eval.max_decode_len = 40

@@ -65,7 +65,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   o.warmup_steps = 10
   o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
   o.weight_decay = 0.01
-  o.label_smoothing = 0.0             # unused: the span loss is plain cross-entropy
+  c.loss.label_smoothing = 0.0        # unused: the span loss is plain cross-entropy
   if variant == 'scratch':
     c.model.init_from = ''
     o.learning_rate = 3e-4

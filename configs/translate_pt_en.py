@@ -33,7 +33,7 @@ def get_config():
   c.optimizer.schedule = 'rsqrt'      # independent of num_train_steps, so stopping early is fine
   c.optimizer.lr_factor = 1.0
   c.optimizer.warmup_steps = 500
-  c.optimizer.label_smoothing = 0.1
+  c.loss.label_smoothing = 0.1
   c.eval.bleu_every = 0
   c.eval.max_decode_len = 96
   return c

@@ -44,6 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.05
-  c.optimizer.label_smoothing = 0.0
+  c.loss.label_smoothing = 0.0
   c.eval.num_samples = 5
   return c

@@ -32,6 +32,8 @@ starts afresh). A readable checkpoint that does not fit the run (another model, 
 optimizer-state tree changed by new optimizer settings) is never quarantined: it is a
 `ResumeError` naming the config fields and the first state path that differ;
 ``params_only=True`` takes params, step and RNG from it with a fresh optimizer state.
+A run saved before a config field moved (``optimizer.label_smoothing`` ->
+``loss.label_smoothing``) resumes; the field is compared under its new key.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from flaxformer_mini.sharding import path_str
+from flaxformer_mini.training import MOVED_FIELDS
 
 PyTree = Any
 CHECKPOINT_SUBDIR = 'checkpoints'
@@ -503,10 +506,22 @@ def _check_same_model(saved: dict, current: dict, step: int, directory: str) -> 
                      'or the same config.model')
 
 
+def with_moved_fields(saved: dict) -> dict:
+  """A saved run config with the fields that moved since (`training.MOVED_FIELDS`) under
+  their new keys, so an older run compares with today's config field by field."""
+  out = json.loads(json.dumps(saved))
+  for old, new in MOVED_FIELDS.items():
+    (old_section, old_key), (new_section, new_key) = old.split('.'), new.split('.')
+    if isinstance(out.get(old_section), dict) and old_key in out[old_section]:
+      value = out[old_section].pop(old_key)
+      out.setdefault(new_section, {}).setdefault(new_key, value)
+  return out
+
+
 def _changed_fields(saved: dict, current: dict | None) -> dict[str, tuple]:
   if current is None:
     return {}
-  diff = config_differences(saved, current)
+  diff = config_differences(with_moved_fields(saved), current)
   return {k: v for k, v in diff.items() if k.split('.')[0] not in RUN_CONTROL_FIELDS}
 
 

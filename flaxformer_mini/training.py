@@ -50,6 +50,8 @@ Metrics = dict[str, jax.Array]
 LossFn = Callable[[PyTree, Batch, jax.Array, bool], tuple[jax.Array, Metrics]]
 AXIS = 'batch'
 PARALLEL = ('mesh', 'jit', 'pmap')
+# Config fields that moved: old key -> new key (validate_config refuses the old one).
+MOVED_FIELDS = {'optimizer.label_smoothing': 'loss.label_smoothing'}
 
 
 # ----------------------------------------------------------------------------- state
@@ -397,7 +399,12 @@ def validate_config(config) -> None:
     check(key, lambda x: finite(x) and x > 0, 'a finite number > 0')
   for key in ('optimizer.clip_norm', 'optimizer.weight_decay'):
     check(key, lambda x: finite(x) and x >= 0, 'a finite number >= 0 (0 = off)')
-  for key in ('optimizer.b1', 'optimizer.b2', 'optimizer.label_smoothing'):
+  for old, new in MOVED_FIELDS.items():
+    section, name = old.split('.')
+    if section in config and name in config[section]:
+      raise ValueError(f'config.{old} has moved to config.{new}: set that instead '
+                       '(configs/common.py lists every field)')
+  for key in ('optimizer.b1', 'optimizer.b2', 'loss.label_smoothing'):
     check(key, lambda x: finite(x) and 0 <= x < 1, 'a number in [0, 1)')
   check('optimizer.layer_decay', lambda x: finite(x) and 0 < x <= 1, 'a number in (0, 1] '
         '(1 = off)')

@@ -85,6 +85,27 @@ def test_changed_optimizer_is_a_clear_error_and_touches_nothing(tmp_path):
   ckpt.close()
 
 
+def test_run_saved_before_label_smoothing_moved_resumes_and_loads(tmp_path, caplog):
+  old = ml_collections.ConfigDict({'model': {'d': 3}, 'optimizer': {'clip_norm': 1.0,
+                                                                    'label_smoothing': 0.1}})
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2, keep_best=0, async_save=False)
+  _save(ckpt, 4, _state(_tx(), value=2.0), config=old)
+  new = {'model': {'d': 3}, 'optimizer': {'clip_norm': 1.0}, 'loss': {'label_smoothing': 0.1}}
+  with caplog.at_level('WARNING'):
+    step, state, _, _ = ckpt.restore_latest(_state(_tx()), config=new)
+  assert step == 4 and 'changed settings' not in caplog.text, caplog.text
+  np.testing.assert_array_equal(state.params['dense']['kernel'], 2.0)
+  new['loss']['label_smoothing'] = 0.0  # a real change is named under the new key
+  with caplog.at_level('WARNING'):
+    ckpt.restore_latest(_state(_tx()), config=new)
+  assert 'changed settings: loss.label_smoothing (0.1 -> 0.0)' in caplog.text, caplog.text
+  ckpt.close()
+  # Inference reads the saved config as it is (only its model/data/eval sections matter).
+  config, params, _ = checkpoints.load_run(str(tmp_path))
+  assert config.optimizer.label_smoothing == 0.1 and config.model.d == 3
+  np.testing.assert_array_equal(params['dense']['kernel'], 2.0)
+
+
 def test_restore_params_only_keeps_params_step_and_schedule(tmp_path):
   tx = _tx()
   state = _state(tx, value=2.5).replace(step=jnp.asarray(8, jnp.int32))
@@ -258,6 +279,9 @@ def test_divergence_stops_naming_the_step_and_last_good_checkpoint(tmp_path, mon
     ('optimizer.learning_rate', 0.0, r'config.optimizer.learning_rate=0.0 must be a finite'),
     ('optimizer.lr_factor', float('nan'), r'config.optimizer.lr_factor=nan must be a finite'),
     ('optimizer.b2', 1.0, r'config.optimizer.b2=1.0 must be a number in \[0, 1\)'),
+    ('loss.label_smoothing', 1.0, r'config.loss.label_smoothing=1.0 must be a number in \[0, 1'),
+    ('optimizer.label_smoothing', 0.1,
+     r'^config\.optimizer\.label_smoothing has moved to config\.loss\.label_smoothing'),
     ('parallel', 'gpu', "config.parallel='gpu' must be one of"),
     ('nonfinite', 'ignore', "config.nonfinite='ignore' must be one of"),
     ('keep', 0, 'config.keep=0 must be an integer >= 1'),

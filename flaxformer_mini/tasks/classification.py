@@ -180,12 +180,6 @@ def config_from_json(d: dict) -> tuple[bert.BertConfig, str]:
 # --------------------------------------------------------------------------------- data
 
 
-def _label_smoothing(config) -> float:
-  if 'loss' in config and 'label_smoothing' in config.loss:
-    return float(config.loss.label_smoothing)
-  return float(config.optimizer.get('label_smoothing', 0.0))
-
-
 def _split_of(split_spec: str) -> str:
   return split_spec.split('[')[0]
 
@@ -347,7 +341,7 @@ class ClassificationTask:
   text_column, label_column, tfds_name, tfds_text_feature, tfds_label_feature,
   train_split, eval_split, on_bad_row, tokenizer, max_len, length_bucket,
   eval_batch_size, tfds_dir), ``config.batch_size``, ``config.seed``,
-  ``config.eval.num_samples`` and the label smoothing.
+  ``config.eval.num_samples`` and ``config.loss.label_smoothing``.
 
   Setup writes ``labels.json``, ``model.json`` (the resolved model sizes) and the
   tokenizer (``tokenizer.json``) into the workdir: the run's assets.
@@ -512,7 +506,7 @@ class ClassificationTask:
     logits = self.model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                               deterministic=deterministic, rngs={'dropout': rng})
     sums = training.cross_entropy_sums(logits, batch['label'], batch['weight'],
-                                       _label_smoothing(self.config))
+                                       self.config.loss.label_smoothing)
     return sums['loss'], sums
 
   # -- evaluation ----------------------------------------------------------------------

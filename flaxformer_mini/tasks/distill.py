@@ -244,7 +244,7 @@ class DistillationTask(TranslationTask):
         deterministic=deterministic, rngs={'dropout': rng})
     weights = batch['targets_segmentation'] > 0
     sums = training.cross_entropy_sums(logits, batch['targets'], weights,
-                                       self.config.optimizer.label_smoothing)
+                                       self.config.loss.label_smoothing)
     if k.kind not in ('word', 'both') or k.alpha == 0.0:
       return sums['loss'], sums
     kd = kl_divergence_sums(logits, self.teacher_logits(batch), weights, k.temperature)

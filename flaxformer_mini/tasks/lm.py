@@ -184,7 +184,7 @@ class LMTask:
   Reads ``config.model`` (`TransformerConfig.from_dict`), ``config.data`` (corpus,
   dev_permille, vocab_size, spm_sample_docs, spm_model_type, seq_len, eval_rows,
   eval_batch_size), ``config.batch_size``, ``config.seed``,
-  ``config.optimizer.label_smoothing`` and ``config.eval`` (prompts, max_decode_len).
+  ``config.loss.label_smoothing`` and ``config.eval`` (prompts, max_decode_len).
   """
 
   name = "lm"
@@ -235,7 +235,7 @@ class LMTask:
                               segmentation=batch["segmentation"], positions=batch["positions"],
                               deterministic=deterministic, rngs={"dropout": rng})
     sums = training.cross_entropy_sums(logits, batch["targets"], batch["weights"],
-                                       self.config.optimizer.label_smoothing)
+                                       self.config.loss.label_smoothing)
     return sums["loss"], sums
 
   # -- data ----------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class Seq2SeqTask:
         deterministic=deterministic, rngs={'dropout': rng})
     sums = training.cross_entropy_sums(logits, batch['targets'],
                                        batch['targets_segmentation'] > 0,
-                                       self.config.optimizer.label_smoothing)
+                                       self.config.loss.label_smoothing)
     return sums['loss'], sums
 
   # -- data ----------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> lis
 class ViTDigitsTask:
   """`tasks.Task` for ViT on load_digits. Reads ``config.model`` (`ViTConfig.from_dict`),
   ``config.data`` (test_fraction, split_seed, shift, eval_batch_size), ``config.batch_size``,
-  ``config.seed`` and ``config.optimizer.label_smoothing``."""
+  ``config.seed`` and ``config.loss.label_smoothing``."""
 
   name = "vit_digits"
 
@@ -141,7 +141,7 @@ class ViTDigitsTask:
     logits = self.model.apply({"params": params}, batch["image"], deterministic=deterministic,
                               rngs={"dropout": rng})
     sums = training.cross_entropy_sums(logits, batch["label"], batch["weight"],
-                                       self.config.optimizer.label_smoothing)
+                                       self.config.loss.label_smoothing)
     return sums["loss"], sums
 
   def train_iterator(self) -> Iterator[Batch]:
