@@ -55,6 +55,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.sharding import path_str
 from flaxformer_mini.training import MOVED_FIELDS
 
@@ -497,7 +498,18 @@ class Checkpointer:
     self.manager.reload()
 
 
+def _same_transformer(saved: dict, current: dict) -> bool:
+  """Both sections build the same `TransformerConfig` (one may list fields at their
+  defaults that the other leaves out: a config rewritten from a preset)."""
+  try:
+    return TransformerConfig.from_dict(saved) == TransformerConfig.from_dict(current)
+  except (TypeError, ValueError):
+    return False
+
+
 def _check_same_model(saved: dict, current: dict, step: int, directory: str) -> None:
+  if saved != current and _same_transformer(saved, current):
+    return
   keys = sorted(set(saved) | set(current))
   diff = {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
   if diff:

@@ -106,6 +106,20 @@ def test_run_saved_before_label_smoothing_moved_resumes_and_loads(tmp_path, capl
   np.testing.assert_array_equal(params['dense']['kernel'], 2.0)
 
 
+def test_model_section_compared_by_the_model_it_builds(tmp_path):
+  """A config rewritten from a preset lists every field; a run saved before still resumes."""
+  from flaxformer_mini.variants import llama
+  full = llama.llama_config(vocab_size=64, d_model=16, num_layers=1, num_heads=2,
+                            d_ff=32).to_dict()
+  spelled_out = {k: v for k, v in full.items() if k not in ('fused_qkv', 'remat', 'head_dim')}
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2, keep_best=0, async_save=False)
+  _save(ckpt, 2, _state(_tx()), config=ml_collections.ConfigDict({'model': spelled_out}))
+  assert ckpt.restore_latest(_state(_tx()), expect_model=full)[0] == 2
+  with pytest.raises(checkpoints.ResumeError, match=r"different model config.*'d_ff': \(32, 48\)"):
+    ckpt.restore_latest(_state(_tx()), expect_model=dict(full, d_ff=48))
+  ckpt.close()
+
+
 def test_restore_params_only_keeps_params_step_and_schedule(tmp_path):
   tx = _tx()
   state = _state(tx, value=2.5).replace(step=jnp.asarray(8, jnp.int32))
