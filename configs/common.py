@@ -107,3 +107,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.alpha = 0.6                  # beam length penalty
   c.eval.num_samples = 3              # example translations printed
   return c
+
+
+def model_section(preset) -> ml_collections.ConfigDict:
+  """A `TransformerConfig` preset (``llama.llama_config(...)``, ``t5.t5_config(...)``) as
+  ``config.model``.
+
+  Every field is written out, so config.json records the whole model and any field can be
+  overridden (``--config.model.dropout_rate=0.2``); the config file states only the call.
+  """
+  return ml_collections.ConfigDict(preset.to_dict())

@@ -29,6 +29,9 @@ transformers dequantizes it to float32, so these are not the original bf16 weigh
 
 import ml_collections
 
+from configs import common
+from flaxformer_mini.variants import llama
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -37,14 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # TransformerConfig.from_dict(c.model) == the imported config (max_len is our choice:
   # RoPE needs no table; it bounds inputs and decode caches; the model was trained to 8192).
-  c.model = ml_collections.ConfigDict(dict(
-      vocab_size=49152, d_model=576, num_heads=9, num_kv_heads=3, head_dim=64, d_ff=1536,
-      num_encoder_layers=0, num_decoder_layers=30, dropout_rate=0.0,
-      attention_dropout_rate=0.0, max_len=256, norm_placement='pre', norm_kind='rmsnorm',
-      norm_eps=9.999999747378752e-06, final_norm=True, position_kind='rotary',
-      rotary_base=100000.0, ffn_activation='silu', ffn_gated=True, use_bias=False,
-      tie_output=True, scale_embeddings=False, embedding_init_std=0.02,
-      pad_id=2))                     # HF pad = EOS: pass segmentation to full passes
+  # norm_eps: the GGUF's float32 1e-5; pad_id 2: HF pads with EOS (pass segmentation).
+  c.model = common.model_section(llama.llama_config(
+      vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+      d_ff=1536, max_len=256, rotary_base=100000.0, norm_eps=9.999999747378752e-06,
+      tie_embeddings=True, pad_id=2))
 
   c.generate = ml_collections.ConfigDict(dict(
       prompt='The capital of France is', max_new_tokens=16,

@@ -6,7 +6,7 @@
 0.5% of the documents (by hash) held out as dev; a 4k SentencePiece vocabulary trained on
 20k train documents; documents packed into 128-token rows. Model: 4 pre-RMSNorm layers,
 d_model 128, 4 query / 2 key-value heads, d_ff 352, rotary positions, SwiGLU, tied embeddings
-(`flaxformer_mini.variants.llama.llama_config`, spelled out below). Reports dev
+(`flaxformer_mini.variants.llama.llama_config`). Reports dev
 next-token perplexity (``dev/ppl``, per SentencePiece token) and greedy continuations of
 ``eval.prompts``.
 """
@@ -16,6 +16,7 @@ import os
 import ml_collections
 
 from configs import common
+from flaxformer_mini.variants import llama
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,16 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.async_checkpointing = False
 
-  # = llama.llama_config(vocab_size=4096, d_model=128, num_layers=4, num_heads=4,
-  #                      num_kv_heads=2, d_ff=352, max_len=128, tie_embeddings=True)
-  c.model = ml_collections.ConfigDict(dict(
-      vocab_size=4096, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352,
-      num_encoder_layers=0, num_decoder_layers=4, dropout_rate=0.0,
-      attention_dropout_rate=0.0, max_len=128, norm_placement='pre', norm_kind='rmsnorm',
-      norm_eps=1e-5, final_norm=True, position_kind='rotary', rotary_base=10000.0,
-      ffn_activation='silu', ffn_gated=True, use_bias=False, tie_output=True,
-      scale_embeddings=False, embedding_init_std=0.02, dtype='float32',
-      remat='none', scan_layers=False))
+  c.model = common.model_section(llama.llama_config(
+      vocab_size=4096, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=352,
+      max_len=128, tie_embeddings=True))
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = os.path.join(common.REPO_ROOT, '..', 'shared', 'data', 'lm',

@@ -6,21 +6,12 @@ The model is `flaxformer_mini.variants.t5.t5_config('1.1', ...)` (RMSNorm, relat
 bias, gated-GELU, no biases, untied output) at the size of configs/t5_small.py.
 """
 
-import dataclasses
-
-import ml_collections
-
-from configs import summarize_debian
-from flaxformer_mini.variants import t5
+from configs import common, summarize_debian, t5_small
 
 
 def get_config():
   c = summarize_debian.get_config()
-  model = t5.t5_config('1.1', vocab_size=8000, d_model=256, num_heads=4, head_dim=64,
-                       d_ff=640, num_encoder_layers=3, max_len=128, dropout_rate=0.1)
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-  fields.update(dtype='float32', param_dtype='float32')  # JSON-able names, not numpy types
-  c.model = ml_collections.ConfigDict(fields)
+  c.model = common.model_section(t5_small.MODEL)
   c.data.vocab_size = c.model.get_ref('vocab_size')
   c.num_train_steps = 700             # its step costs more: the same 60-minute CPU budget
   return c

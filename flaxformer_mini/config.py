@@ -1,7 +1,8 @@
 """`TransformerConfig`: the one small frozen dataclass every module takes.
 
 Experiments are ConfigDicts in ``configs/``; `TransformerConfig.from_dict`
-turns their ``model`` block into this dataclass and rejects unknown keys.
+turns their ``model`` block into this dataclass and rejects unknown keys, and
+`TransformerConfig.to_dict` writes a preset back as such a block.
 """
 
 from __future__ import annotations
@@ -134,3 +135,14 @@ class TransformerConfig:
           raise ValueError(f"model.{key}={d[key]!r} is not one of {sorted(_DTYPES)}")
         d[key] = _DTYPES[d[key]]
     return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Every field, dtypes by name: JSON-able, and ``from_dict(cfg.to_dict()) == cfg``.
+
+    What a config file stores as its ``model`` section when it starts from a preset
+    (``llama.llama_config(...)``, ``t5.t5_config(...)``).
+    """
+    d = dataclasses.asdict(self)
+    for key in ("dtype", "param_dtype"):
+      d[key] = jnp.dtype(d[key]).name
+    return d

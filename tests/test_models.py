@@ -473,6 +473,13 @@ def test_error_unknown_config_key():
   assert cfg.d_model == 16 and cfg.dtype == jnp.bfloat16
 
 
+def test_config_to_dict_is_json_and_round_trips():
+  cfg = TransformerConfig(d_model=16, num_heads=4, num_kv_heads=2, dtype=jnp.bfloat16)
+  d = json.loads(json.dumps(cfg.to_dict()))
+  assert d["dtype"] == "bfloat16" and d["param_dtype"] == "float32" and d["num_kv_heads"] == 2
+  assert TransformerConfig.from_dict(d) == cfg
+
+
 def test_error_invalid_norm_placement():
   with pytest.raises(ValueError, match=r"norm_placement='middle' is not one of \('post', 'pre'\)"):
     BASE.replace(norm_placement="middle")
