@@ -68,7 +68,7 @@ def test_smollm2_config_is_the_published_architecture(smollm2):
   assert (cfg.num_decoder_layers, cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size,
           cfg.d_ff, cfg.vocab_size) == (30, 576, 9, 3, 64, 1536, 49152)
   assert cfg.tie_output and cfg.position_kind == "rotary" and cfg.rotary_base == 100000.0
-  from configs import llama_smollm2  # the recorded description of this import
+  from examples import llama_smollm2  # the recorded description of this import
   assert cfg.replace(max_len=256) == TransformerConfig.from_dict(llama_smollm2.get_config().model)
   n = sum(x.size for x in jax.tree_util.tree_leaves(smollm2["params"]))
   assert n == sum(p.numel() for p in smollm2["hf"].parameters())  # tied: counted once

