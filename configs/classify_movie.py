@@ -18,6 +18,7 @@ import ml_collections
 from configs import common
 
 DATA = os.path.join(common.REPO_ROOT, '..', 'shared', 'data', 'classify')
+VARIANTS = ('', 'scratch')            # fine-tune MiniLM | a small BERT from random init
 
 
 def classification_config(dataset: str, variant: str = '') -> ml_collections.ConfigDict:
@@ -77,7 +78,7 @@ def classification_config(dataset: str, variant: str = '') -> ml_collections.Con
     o.warmup_steps = 100
     o.layer_decay = 1.0               # random layers: nothing pretrained to keep
   elif variant:
-    raise ValueError(f"config variant {variant!r}: use '' (MiniLM) or 'scratch'")
+    raise ValueError(f"config variant {variant!r} is not one of {VARIANTS} ('' = MiniLM)")
   return c
 
 

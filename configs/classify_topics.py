@@ -11,6 +11,8 @@ import ml_collections
 
 from configs import classify_movie
 
+VARIANTS = classify_movie.VARIANTS
+
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   c = classify_movie.classification_config('debian_topics', variant)

@@ -16,8 +16,12 @@ import ml_collections
 
 from configs import translate_pt_en
 
+VARIANTS = ('word', 'sequence', 'both', 'none')  # the distillation kinds (tasks/distill.py)
+
 
 def get_config(kind: str = 'word') -> ml_collections.ConfigDict:
+  if kind not in VARIANTS:
+    raise ValueError(f'config variant {kind!r} is not one of {VARIANTS}')
   c = translate_pt_en.get_config()
   c.task = 'distill'
   c.distill = ml_collections.ConfigDict(dict(

@@ -17,6 +17,7 @@ import ml_collections
 from configs import common
 
 DATA = os.path.join(common.REPO_ROOT, '..', 'shared', 'data', 'qa')
+VARIANTS = ('', 'scratch')            # fine-tune MiniLM | a small BERT from random init
 
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
@@ -70,5 +71,5 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     c.model.init_from = ''
     o.learning_rate = 3e-4
   elif variant:
-    raise ValueError(f"config variant {variant!r}: use '' (MiniLM) or 'scratch'")
+    raise ValueError(f"config variant {variant!r} is not one of {VARIANTS} ('' = MiniLM)")
   return c
