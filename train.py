@@ -289,8 +289,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       last = step == total
       scalars = {}
       if step % config.log_every == 0 or last:
-        dt = time.time() - window_t
         scalars = training.summarize(sums, 'train/')
+        dt = time.time() - window_t  # after summarize's device_get: the window's steps are done
         scalars['train/grad_norm'] = float(sums['grad_norm']) / n_micro  # mean, not per-token
         scalars['learning_rate'] = float(schedule(step - 1))
         if dstate.loss_scale is not None:  # float16: the dynamic loss scale now
@@ -367,11 +367,13 @@ def main(argv):
         flags.FLAGS['config'])))[0]
     workdir = os.path.join('runs', name)
   from flaxformer_mini import checkpoints
+  from flaxformer_mini.data import records
   join_processes()
   try:
     train_and_evaluate(config, workdir)
   except (checkpoints.ResumeError, checkpoints.NoReadableCheckpointError,
-          checkpoints.CheckpointWriteError, TrainingDiverged) as e:
+          checkpoints.CheckpointWriteError, TrainingDiverged, records.BadRowError,
+          FileNotFoundError) as e:
     sys.exit(f'train.py: error: {e}')
   except ValueError as e:
     if str(e).startswith(('config.', '--workdir', 'batch_chunks', 'parameter ')):

@@ -330,6 +330,26 @@ def test_config_file_missing_or_without_get_config(tmp_path):
 
 
 @pytest.mark.slow
+def test_bad_data_row_and_missing_data_file_are_one_line(tmp_path):
+  train_tsv, dev_tsv = tmp_path / 'train.tsv', tmp_path / 'dev.tsv'
+  train_tsv.write_text('text\tlabel\ngood film\tpos\nbad film\tneg\n', encoding='utf-8')
+  dev_tsv.write_text('text\tlabel\nfine\tpos\nso so\tmeh\n', encoding='utf-8')
+  base = [sys.executable, os.path.join(REPO, 'train.py'),
+          '--config=configs/classify_movie.py:scratch', '--config.num_train_steps=1']
+  for extra, message in (
+      ([f'--config.data.train_file={train_tsv}', f'--config.data.dev_file={dev_tsv}'],
+       f'{dev_tsv} line 3: unknown label "meh"'),
+      ([f'--config.data.train_file={tmp_path}/none.tsv', f'--config.data.dev_file={dev_tsv}'],
+       'train file not found')):
+    proc = subprocess.run([*base, *extra, f'--workdir={tmp_path}/run'], capture_output=True,
+                          text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith('train.py: error: ') and message in last, last
+
+
+@pytest.mark.slow
 def test_refused_resume_keeps_config_json(tmp_path):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(_smoke(num_train_steps=2, checkpoint_every=2), workdir)
