@@ -7,7 +7,8 @@ The encoder and the cached greedy and beam-search loops of `flaxformer_mini.tran
 are traced once with `jax.export` for a symbolic ``[batch, src_len]`` input
 (1 <= src_len <= model max_len), so one artifact serves every batch and sentence
 length. The weights are an argument of the exported function, not constants baked into
-the HLO: they are saved once in ``params.npz`` and shared by both searches. The output
+the HLO: they are saved once in ``params.npz`` and shared by both searches (``--quantize
+int8`` saves per-channel int8 weights, dequantized inside the exported searches). The output
 directory holds::
 
     greedy.jaxexport, beam.jaxexport   jax.export.Exported.serialize() of each search
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxformer_mini import exported_runner, sharding, translate
+from flaxformer_mini import exported_runner, quantize, sharding, translate
 from flaxformer_mini.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 PyTree = Any
@@ -94,7 +95,9 @@ def write_export(translator: translate.Translator, out_dir: str, *,
       'max_decode_len': translator.max_decode_len, 'batch_size': translator.batch_size,
       'beam_size': beam.beam_size, 'alpha': beam.alpha,
       'pad_id': PAD_ID, 'eos_id': EOS_ID, 'bos_id': BOS_ID,
-      'num_params': int(sum(x.size for x in flat.values())),
+      'num_params': int(sum(x.size for x in jax.tree_util.tree_leaves(
+          jax.eval_shape(quantize.dequantize_params, translator.params)))),
+      'quantized': quantize.is_quantized(translator.params),
       'source': source or {},
   }
   with open(os.path.join(tmp, 'export.json'), 'w', encoding='utf-8') as f:
@@ -115,13 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--alpha', type=float, default=0.6, help='beam length-penalty alpha')
   parser.add_argument('--max_decode_len', type=int, default=None)
   parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--quantize', choices=translate._QUANTIZE, default='none',  # pylint: disable=protected-access
+                      help='int8: ship per-channel int8 weights, dequantized inside the export')
   parser.add_argument('--platforms', default='cpu',
                       help="comma-separated jax.export platforms, e.g. 'cpu,cuda'")
   args = parser.parse_args(argv)
   try:
     beam = translate.SearchConfig('beam', beam_size=args.beam, alpha=args.alpha)
     translator = translate.Translator.from_workdir(
-        args.workdir, args.step, max_decode_len=args.max_decode_len, batch_size=args.batch_size)
+        args.workdir, args.step, max_decode_len=args.max_decode_len, batch_size=args.batch_size,
+        quantize=args.quantize)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -85,6 +85,29 @@ def test_exported_translate_equals_translator(export_dir, tiny_translator):
           == tiny_translator.translate(SENTENCES, translate.SearchConfig('greedy')))
 
 
+def test_int8_export_ships_int8_weights_and_equals_the_int8_translator(tiny_translator,
+                                                                      tmp_path, rng):
+  from flaxformer_mini import quantize
+  t8 = translate.Translator(tiny_translator.model_config, tiny_translator.params,
+                            tiny_translator.tokenizer, max_decode_len=10, batch_size=4,
+                            quantize='int8')
+  out = export.write_export(t8, str(tmp_path / 'int8.export'),
+                            beam=translate.SearchConfig('beam', beam_size=3, alpha=0.6))
+  with np.load(os.path.join(out, 'params.npz')) as flat:
+    assert any(k.endswith('/qvalue') and flat[k].dtype == np.int8 for k in flat.files)
+  with open(os.path.join(out, 'export.json')) as f:
+    meta = json.load(f)
+  assert meta['quantized'] and meta['num_params'] == sum(
+      x.size for x in jax.tree_util.tree_leaves(tiny_translator.params))
+  runner = exported_runner.ExportedTranslator(out)
+  inputs = rng.integers(4, 48, (3, 7)).astype(np.int32)
+  for method, search in (('greedy', translate.SearchConfig('greedy')),
+                         ('beam', translate.SearchConfig('beam', beam_size=3, alpha=0.6))):
+    want, _ = t8.search_ids(inputs, search)
+    np.testing.assert_array_equal(runner.search_ids(inputs, method), np.asarray(want))
+  assert quantize.is_quantized(t8.params)
+
+
 @pytest.mark.slow
 def test_export_runs_without_flaxformer_mini(export_dir, tiny_translator):
   script = os.path.join(export_dir, 'run_export.py')
