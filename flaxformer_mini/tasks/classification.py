@@ -132,35 +132,10 @@ class TextClassifier(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def resolve_init_dir(init_from: str) -> str:
-  """'' -> '' (from scratch); 'minilm' -> the installed MiniLM; else a checkpoint dir."""
-  if not init_from:
-    return ''
-  if init_from == 'minilm':
-    return bert.minilm_dir()
-  if not os.path.isdir(init_from):
-    raise FileNotFoundError(f"config.model.init_from={init_from!r}: not a directory "
-                            "(expected 'minilm', '' or a directory with model.safetensors "
-                            "and config.json)")
-  return init_from
-
-
 def model_config(m, num_labels: int) -> tuple[bert.BertConfig, str]:
   """(BertConfig, pretrained dir or '') from ``config.model`` and the label count."""
-  init_dir = resolve_init_dir(m.init_from)
-  if init_dir:
-    with open(os.path.join(init_dir, 'config.json')) as f:
-      hf = json.load(f)
-    cfg = bert.BertConfig.from_hf(hf, num_labels=num_labels, pooler=bool(m.pooler))
-    overrides = {k: m.encoder[k] for k in ('dropout_rate', 'attention_dropout_rate')
-                 if k in m.encoder}
-    if overrides:
-      cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **overrides))
-  else:
-    cfg = bert.BertConfig.from_dict(dict(encoder=dict(m.encoder),
-                                         type_vocab_size=m.type_vocab_size,
-                                         pooler=bool(m.pooler), num_labels=num_labels))
-  return cfg, init_dir
+  return bert.config_from_init(m.init_from, m.encoder, type_vocab_size=m.type_vocab_size,
+                               pooler=bool(m.pooler), num_labels=num_labels)
 
 
 def config_to_json(cfg: bert.BertConfig, pooling: str) -> dict:
@@ -495,11 +470,7 @@ class ClassificationTask:
     ids = jnp.ones((1, 8), jnp.int32)
     params = jax.jit(self.model.init)(rng, ids, ids)['params']
     if self.init_dir:
-      _, pretrained = bert.load_hf_bert(self.init_dir, pooler=self.bert_config.pooler)
-      _check_same_tree(pretrained, params['bert'], self.init_dir)
-      params = dict(params)
-      params['bert'] = jax.tree_util.tree_map(lambda p, x: jnp.asarray(p, x.dtype),
-                                              pretrained, params['bert'])
+      params = {**params, 'bert': bert.pretrained_encoder(self.init_dir, params['bert'])}
     return params
 
   def loss_and_metrics(self, params, batch, rng, deterministic):
@@ -549,11 +520,3 @@ class ClassificationTask:
         f.write(json.dumps({'text': text, 'label': self.labels[t],
                             'predicted': self.labels[p], 'probability': float(pr[p])}) + '\n')
 
-
-def _check_same_tree(pretrained: PyTree, ours: PyTree, where: str) -> None:
-  a = {jax.tree_util.keystr(k): v.shape
-       for k, v in jax.tree_util.tree_leaves_with_path(pretrained)}
-  b = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(ours)}
-  if a != b:
-    diff = sorted(set(a.items()) ^ set(b.items()))[:3]
-    raise ValueError(f'the pretrained encoder in {where} does not fit the model: {diff}')

@@ -148,31 +148,10 @@ def span_loss_sums(start_logits: jax.Array, end_logits: jax.Array, batch: Batch
           'weight': sums[0]['weight']}
 
 
-def resolve_init_dir(init_from: str) -> str:
-  """'' -> '' (from scratch); 'minilm' -> the installed MiniLM; else a checkpoint dir."""
-  if not init_from:
-    return ''
-  if init_from == 'minilm':
-    return bert.minilm_dir()
-  if not os.path.isdir(init_from):
-    raise FileNotFoundError(f"config.model.init_from={init_from!r}: not a directory "
-                            "(expected 'minilm', '' or a directory with model.safetensors "
-                            "and config.json)")
-  return init_from
-
-
 def model_config(m) -> tuple[bert.BertConfig, str]:
   """(BertConfig without pooler, pretrained dir or '') from ``config.model``."""
-  init_dir = resolve_init_dir(m.init_from)
-  if not init_dir:
-    return bert.BertConfig.from_dict(dict(encoder=dict(m.encoder), pooler=False,
-                                          type_vocab_size=m.type_vocab_size)), ''
-  with open(os.path.join(init_dir, 'config.json')) as f:
-    cfg = bert.BertConfig.from_hf(json.load(f), pooler=False)
-  overrides = {k: m.encoder[k] for k in ('dropout_rate', 'attention_dropout_rate')
-               if k in m.encoder}
-  return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **overrides)), \
-      init_dir
+  return bert.config_from_init(m.init_from, m.encoder, type_vocab_size=m.type_vocab_size,
+                               pooler=False)
 
 
 def config_to_json(cfg: bert.BertConfig) -> dict:
@@ -184,17 +163,7 @@ def config_to_json(cfg: bert.BertConfig) -> dict:
 def pretrained_params(init_dir: str, params: PyTree) -> PyTree:
   """``params`` with the encoder (``bert``) replaced by the checkpoint's (pooler dropped:
   the span head reads token states only)."""
-  _, loaded = bert.load_hf_bert(init_dir)
-  loaded = {k: v for k, v in loaded.items() if k != 'pooler'}
-  shapes = lambda t: {jax.tree_util.keystr(k): v.shape
-                      for k, v in jax.tree_util.tree_leaves_with_path(t)}
-  if shapes(loaded) != shapes(params['bert']):
-    diff = sorted(set(shapes(loaded).items()) ^ set(shapes(params['bert']).items()))[:3]
-    raise ValueError(f'the pretrained encoder in {init_dir} does not fit the model: {diff}')
-  out = dict(params)
-  out['bert'] = jax.tree_util.tree_map(lambda p, x: jnp.asarray(p, x.dtype), loaded,
-                                       params['bert'])
-  return out
+  return {**params, 'bert': bert.pretrained_encoder(init_dir, params['bert'])}
 
 
 # ---------------------------------------------------------------------------------- data

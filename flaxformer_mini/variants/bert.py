@@ -9,7 +9,9 @@ What is BERT-specific lives here; everything else is the core:
                own bias) and sequence classification (dropout + dense on the pooled output)
 
 `load_hf_bert` imports a Hugging Face ``BertModel`` / ``BertForMaskedLM`` checkpoint
-(``model.safetensors`` + ``config.json``) into this module's parameter tree.
+(``model.safetensors`` + ``config.json``) into this module's parameter tree;
+`config_from_init` and `pretrained_encoder` give a task (classification, qa) its encoder,
+pretrained (MiniLM or such a directory) or from scratch.
 
 Shapes: ``b`` batch, ``l`` length, ``d`` d_model, ``h`` heads, ``k`` head_dim, ``v`` vocab.
 """
@@ -471,3 +473,63 @@ class BertForQuestionAnswering(nn.Module):
     logits = nn.Dense(2, dtype=enc.dtype, param_dtype=enc.param_dtype,
                       name="qa_outputs")(hidden).astype(jnp.float32)
     return logits[..., 0], logits[..., 1]
+
+
+# ---------------------------------------------------------------------------
+# A task's encoder: pretrained or from scratch (classification, qa).
+# ---------------------------------------------------------------------------
+
+
+def config_from_init(init_from: str, encoder: Mapping[str, Any], *, type_vocab_size: int = 2,
+                     **fields) -> tuple[BertConfig, str]:
+  """The `BertConfig` of a task's ``config.model`` and the pretrained directory it loads.
+
+  Args:
+    init_from: ``config.model.init_from``: '' trains ``encoder``'s sizes from scratch,
+      'minilm' loads the installed MiniLM (`minilm_dir`), anything else is a directory
+      holding a Hugging Face BERT ``model.safetensors`` + ``config.json``.
+    encoder: ``config.model.encoder``: `TransformerConfig` fields over `bert_encoder_config`;
+      with a pretrained init only its dropout rates apply (the sizes are the checkpoint's).
+    type_vocab_size: token types from scratch (a checkpoint brings its own).
+    **fields: other `BertConfig` fields, either way (``pooler``, ``num_labels``).
+  Returns:
+    (config, pretrained directory or '').
+  Raises:
+    FileNotFoundError naming ``config.model.init_from`` when it is no directory.
+  """
+  encoder = dict(encoder)
+  if not init_from:
+    return BertConfig.from_dict(dict(encoder=encoder, type_vocab_size=type_vocab_size,
+                                     **fields)), ""
+  init_dir = minilm_dir() if init_from == "minilm" else init_from
+  if not os.path.isdir(init_dir):
+    raise FileNotFoundError(f"config.model.init_from={init_from!r}: not a directory (expected "
+                            "'minilm', '' or a directory with model.safetensors and "
+                            "config.json)")
+  _, config_path = _resolve(init_dir)
+  with open(config_path) as fp:
+    cfg = BertConfig.from_hf(json.load(fp), **fields)
+  dropout = {k: encoder[k] for k in ("dropout_rate", "attention_dropout_rate") if k in encoder}
+  return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **dropout)), init_dir
+
+
+def pretrained_encoder(init_dir: str, like: Mapping[str, Any]) -> dict[str, Any]:
+  """A Hugging Face BERT checkpoint's `BertModel` params in the tree and dtypes of ``like``.
+
+  Args:
+    init_dir: the checkpoint directory (`config_from_init`).
+    like: the task model's freshly initialised encoder params (its ``params["bert"]``, or
+      their ``jax.eval_shape``); the checkpoint's pooler is dropped when ``like`` has none.
+  Raises:
+    ValueError naming up to three params whose presence or shape differs.
+  """
+  _, loaded = load_hf_bert(init_dir)
+  if "pooler" not in like:  # e.g. a span head or mean pooling reads token states only
+    loaded.pop("pooler", None)
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape)
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  if shapes(loaded) != shapes(like):
+    diff = sorted(set(shapes(loaded).items()) ^ set(shapes(like).items()))[:3]
+    raise ValueError(f"the pretrained encoder in {init_dir} does not fit the model: {diff} "
+                     "(param, shape) differ")
+  return jax.tree_util.tree_map(lambda p, x: jnp.asarray(p, x.dtype), loaded, like)
