@@ -10,10 +10,12 @@
   dev_predictions.json, and `QuestionAnswerer.from_workdir` reproduces the predictions.
 """
 
+import dataclasses
 import json
 import os
 import random
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +191,48 @@ def test_task_config_errors_name_the_key(data, tmp_path):
     qa.QATask(_config(data, **{'data.doc_stride': 30}), str(tmp_path / 'b'))
 
 
+def test_workdir_refuses_another_tokenizer_once_trained(data, tmp_path):
+  from flaxformer_mini import checkpoints
+  workdir = tmp_path / 'run'
+  vocab2 = tmp_path / 'vocab2.txt'
+  vocab2.write_text(Path(data['vocab']).read_text() + 'extra\n')
+  qa.QATask(_config(data), str(workdir))
+  # No checkpoint yet: the tokenizer the config names replaces the saved one.
+  task = qa.QATask(_config(data, **{'data.tokenizer': str(vocab2)}), str(workdir))
+  assert task.tokenizer.vocab_size == 33 and task.tokenizer.hf.token_to_id('extra') == 32
+  saved = (workdir / 'tokenizer.json').read_text()
+  (workdir / checkpoints.CHECKPOINT_SUBDIR / '10').mkdir(parents=True)
+  with pytest.raises(ValueError, match=r'tokenizer\.json is not config\.data\.tokenizer=.*'
+                     r'vocab\.txt.*trained with the former\); use a fresh --workdir'):
+    qa.QATask(_config(data), str(workdir))
+  assert (workdir / 'tokenizer.json').read_text() == saved  # untouched by the refusal
+  assert qa.QATask(_config(data, **{'data.tokenizer': str(vocab2)}), str(workdir))
+
+
 # ------------------------------------------------------------------------- MiniLM model
+
+
+@pytest.mark.slow
+def test_pretrained_encoder_drops_the_pooler_and_names_what_differs():
+  cfg, init_dir = bert.config_from_init('minilm', {'dropout_rate': 0.0, 'd_model': 8},
+                                        pooler=False)
+  assert init_dir == bert.minilm_dir() and not cfg.pooler
+  # The checkpoint's sizes, the config's dropout rate.
+  assert (cfg.encoder.d_model, cfg.encoder.dropout_rate) == (384, 0.0)
+  ids = jnp.ones((1, 8), jnp.int32)
+  like = jax.eval_shape(bert.BertModel(cfg).init, jax.random.key(0), ids)['params']
+  got = bert.pretrained_encoder(init_dir, like)
+  _, want = bert.load_hf_bert(init_dir)
+  assert 'pooler' in want and 'pooler' not in got
+  want.pop('pooler')
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  fewer = bert.BertConfig(dataclasses.replace(cfg.encoder, num_encoder_layers=5), pooler=False)
+  like = jax.eval_shape(bert.BertModel(fewer).init, jax.random.key(0), ids)['params']
+  with pytest.raises(ValueError, match=r"does not fit the model: \[\(\"\['layer_5'\]"):
+    bert.pretrained_encoder(init_dir, like)
+  with pytest.raises(FileNotFoundError, match=r"config\.model\.init_from='/no/such': not a "
+                     r'directory'):
+    bert.config_from_init('/no/such', {})
 
 
 @pytest.mark.slow
