@@ -5,9 +5,10 @@
     python3 train.py --config=configs/qa_faq.py:scratch --workdir=runs/qa_faq_scratch
 
 Your own data: --config.data.train_file=... --config.data.dev_file=... (SQuAD v1.1 JSON,
-.gz ok). The FAQ answers are long (median ~180 WordPiece tokens) and the contexts whole
-pages (median ~3,000 tokens), hence long windows, a long max_answer_len and few answerless
-windows per question. Sizes, step time and results: docs/qa.md.
+.gz ok), or a prepared TFDS dataset by name: --config.data.tfds_name=squad (SQuAD's
+sizes: docs/qa.md). The FAQ answers are long (median ~180 WordPiece tokens) and the contexts
+whole pages (median ~3,000 tokens), hence long windows, a long max_answer_len and few
+answerless windows per question. Sizes, step time and results: docs/qa.md.
 """
 
 import os
@@ -49,6 +50,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   d = c.data
   d.train_file = os.path.join(DATA, 'faq_squad.train.json.gz')
   d.dev_file = os.path.join(DATA, 'faq_squad.dev.json.gz')
+  d.tfds_name = ''                    # a prepared TFDS dataset with SQuAD's features instead
+                                      # of the files, e.g. 'squad' (docs/qa.md)
   d.train_split = 'train'             # TFDS split names of the stored questions; slices
   d.eval_split = 'validation'         # such as 'validation[:20]' work
   d.on_bad_row = 'stop'               # 'stop' | 'skip' bad questions (docs/qa.md lists them)

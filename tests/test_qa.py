@@ -191,6 +191,46 @@ def test_task_config_errors_name_the_key(data, tmp_path):
     qa.QATask(_config(data, **{'data.doc_stride': 30}), str(tmp_path / 'b'))
 
 
+def _tfds_rows(doc):
+  """A SQuAD JSON document as TFDS's squad data source gives it (bytes, answer lists)."""
+  return [{'id': qa['id'].encode(), 'title': b'', 'context': para['context'].encode(),
+           'question': qa['question'].encode(),
+           'answers': {'text': [a['text'].encode() for a in qa['answers']],
+                       'answer_start': [np.int32(a['answer_start']) for a in qa['answers']]}}
+          for article in doc['data'] for para in article['paragraphs'] for qa in para['qas']]
+
+
+def test_task_reads_a_tfds_dataset_by_name(data, tmp_path):
+  import tensorflow_datasets as tfds
+  dev = _squad(24, 2)
+  dev['data'][0]['paragraphs'][5]['qas'][0]['question'] = ' '
+  splits = {'train[:150]': _tfds_rows(_squad(160, 1))[:150], 'validation': _tfds_rows(dev)}
+  data_dirs = []
+
+  def as_data_source(builder, split, **kwargs):
+    data_dirs.append(builder.data_dir)
+    return type('Source', (list,), {'dataset_info': builder.info})(splits[split])
+  config = _config(data, **{'data.tfds_name': 'squad', 'data.train_split': 'train[:150]',
+                            'data.train_file': '', 'data.dev_file': ''})
+  # TFDS squad's own features (from its code, offline), rows as its data source gives them.
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE,
+                              as_data_source_fn=as_data_source):
+    with pytest.raises(records.BadRowError, match=r'^tfds:squad/validation example 5 \(id '
+                       r's2-5\): empty question \(tfds:squad validation;'):
+      qa.QATask(config, str(tmp_path / 'stop'))
+    config.data.on_bad_row = 'skip'
+    task = qa.QATask(config, str(tmp_path / 'skip'))
+  want = [ex for ex in squad.read_squad(data['dev'], records.RowErrors()) if ex.qid != 's2-5']
+  assert [(ex.qid, ex.question, ex.context, ex.answers, ex.answer_starts)
+          for ex in task.dev_examples] == [(ex.qid, ex.question, ex.context, ex.answers,
+                                            ex.answer_starts) for ex in want]
+  assert task.dev_examples[5].where == 'example 6 (id s2-6)'
+  assert len(set(task.train_features['example_index'])) == 150
+  # TFDS's own data dir (tfds_dir is ''), not <workdir>/tfds.
+  assert not any(str(tmp_path) in d for d in data_dirs) and data_dirs
+  assert not (tmp_path / 'skip' / 'tfds').exists()
+
+
 def test_workdir_refuses_another_tokenizer_once_trained(data, tmp_path):
   from flaxformer_mini import checkpoints
   workdir = tmp_path / 'run'

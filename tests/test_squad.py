@@ -7,6 +7,8 @@ a brute-force search over every valid span, and EM/F1 values worked out by hand 
 the definitions in evaluate-v1.1.py.
 """
 
+import contextlib
+import dataclasses
 import gzip
 import itertools
 import json
@@ -183,6 +185,74 @@ def test_tfds_storage_round_trip_and_cached_bad_counts(tmp_path):
   # The cached build skipped a question: 'stop' refuses it without reading the JSON again.
   with pytest.raises(records.BadRowError, match='prepared earlier with on_bad_row=skip'):
     squad.prepare_squad_builder(files, str(tmp_path / 'tfds'), 'stop')
+
+
+# ------------------------------------------------------------------- TFDS dataset by name
+
+
+def tfds_rows(doc):
+  """A SQuAD JSON document's questions as TFDS's squad data source gives them (array_record
+  decoding: strings as bytes, answers as lists of bytes and numpy int32)."""
+  return [{'id': qa['id'].encode(), 'title': article['title'].encode(),
+           'context': para['context'].encode(), 'question': qa['question'].encode(),
+           'answers': {'text': [a['text'].encode() for a in qa['answers']],
+                       'answer_start': [np.int32(a['answer_start']) for a in qa['answers']]}}
+          for article in doc['data'] for para in article['paragraphs'] for qa in para['qas']]
+
+
+class _Source(list):
+  """A data source: random access plus the dataset's info."""
+  dataset_info = None
+
+
+@contextlib.contextmanager
+def mock_tfds(splits):
+  """``tfds.data_source(name, split)`` gives ``splits[split]``, under the named dataset's
+  own features (from TFDS's code, offline: no download, no prepared files)."""
+  import tensorflow_datasets as tfds
+
+  def as_data_source(builder, split, **kwargs):
+    source = _Source(splits[split])
+    source.dataset_info = builder.info
+    return source
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE,
+                              as_data_source_fn=as_data_source):
+    yield
+
+
+def test_tfds_squad_by_name_gives_what_the_json_gives(tmp_path):
+  with mock_tfds({'train': tfds_rows(squad_json())}):
+    errors = records.RowErrors('stop', 'tfds:squad train')
+    got = squad.tfds_examples('squad', 'train', errors)
+  want = read(write(tmp_path, 'cafe.json', squad_json()))[0]
+  assert got == [dataclasses.replace(ex, where=f'example {i} (id {ex.qid})')
+                 for i, ex in enumerate(want)]
+  assert errors.good == 4 and errors.count == 0
+
+
+# The bad questions a TFDS squad row can hold (its answer_start is an int, its text a string).
+TFDS_BAD = [(doc, why) for doc, why in BAD_QUESTIONS
+            if "'9'" not in why and 'has no "text"' not in why]
+
+
+@pytest.mark.parametrize('doc,why', TFDS_BAD)
+def test_tfds_bad_question_named_by_split_and_index(doc, why):
+  with mock_tfds({'validation[:9]': tfds_rows(doc)}):
+    with pytest.raises(records.BadRowError) as e:
+      squad.tfds_examples('squad', 'validation[:9]', records.RowErrors('stop'))
+    errors = records.RowErrors('skip')
+    got = squad.tfds_examples('squad', 'validation[:9]', errors)
+  qid = 'q1' if 'repeats' in why else 'b'
+  assert str(e.value).startswith(f'tfds:squad/validation[:9] example 4 (id {qid}): ')
+  assert why in str(e.value)
+  assert [ex.qid for ex in got] == ['q0', 'q1', 'q2', 'q3'] and errors.count == 1
+
+
+def test_tfds_dataset_without_squad_features_is_named():
+  with mock_tfds({'train': []}), pytest.raises(
+      ValueError, match=r"TFDS dataset 'imdb_reviews' has no feature\(s\) \['id', 'question', "
+      r"'context', 'answers'\]; a SQuAD-style dataset .* it has \['label', 'text'\]"):
+    squad.tfds_examples('imdb_reviews', 'train', records.RowErrors())
 
 
 # ---------------------------------------------------------------------------- featurize

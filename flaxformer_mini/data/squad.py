@@ -6,6 +6,8 @@ plain or .gz. A question is a bad row (reported through `records.RowErrors` with
 JSON path and id in place of a line number) when it has no id or a repeated one, when
 its question or context is empty, when it has no answer (``require_answers``), or when
 an answer's ``answer_start`` does not point at its ``text`` in the context.
+`tfds_examples` reads the same questions from a TFDS dataset by name (TFDS's ``squad``)
+with the same checks, a bad one named by its index in the split.
 
 Storage (`prepare_squad_builder`): the good questions of each split are written once into
 a TFDS array_record dataset of string columns (`tables.UserTable`, answers as JSON) keyed
@@ -128,23 +130,33 @@ def read_squad(path: str, errors: records.RowErrors, *, require_answers: bool = 
         raw_id = qa.get('id') if isinstance(qa, dict) else None
         qid = str(raw_id) if isinstance(raw_id, (str, int)) else ''
         where = f'data[{i}].paragraphs[{j}].qas[{k}]' + (f' (id {qid})' if qid else '')
-        why = _check_question(qa, context, require_answers)
-        if not why and not qid.strip():
-          why = 'no "id" (a non-empty string names the question in predictions)'
-        if not why and qid in seen:
-          why = f'id {qid!r} repeats an earlier question\'s id'
-        if why:
-          errors.bad(path, where, why)
-          continue
-        seen.add(qid)
-        answers = qa.get('answers') or []
-        out.append(SquadExample(
-            qid=qid, question=qa['question'], context=context,
-            answers=tuple(a['text'] for a in answers),
-            answer_starts=tuple(int(a['answer_start']) for a in answers),
-            where=where, title=title))
-        errors.ok()
+        example = _checked_example(qa, context, qid, seen, require_answers, where, title,
+                                   errors, path)
+        if example:
+          out.append(example)
   return out
+
+
+def _checked_example(qa: Any, context: Any, qid: str, seen: set[str], require_answers: bool,
+                     where: str, title: str, errors: records.RowErrors, path: str
+                     ) -> SquadExample | None:
+  """The example of a good question (its id added to ``seen``); a bad one goes to
+  ``errors.bad(path, where, why)`` and gives None."""
+  why = _check_question(qa, context, require_answers)
+  if not why and not qid.strip():
+    why = 'no "id" (a non-empty string names the question in predictions)'
+  if not why and qid in seen:
+    why = f'id {qid!r} repeats an earlier question\'s id'
+  if why:
+    errors.bad(path, where, why)
+    return None
+  seen.add(qid)
+  answers = qa.get('answers') or []
+  errors.ok()
+  return SquadExample(qid=qid, question=qa['question'], context=context,
+                      answers=tuple(a['text'] for a in answers),
+                      answer_starts=tuple(int(a['answer_start']) for a in answers),
+                      where=where, title=title)
 
 
 def _check_question(qa: Any, context: Any, require_answers: bool) -> str | None:
@@ -256,6 +268,60 @@ def squad_examples(builder, split: str) -> list[SquadExample]:
   from flaxformer_mini.data import tables
   source = tables.table_source(builder, split)
   return [_from_row(source[i]) for i in range(len(source))]
+
+
+TFDS_FEATURES = ('id', 'question', 'context', 'answers')  # and 'title', if it has one
+
+
+def _text(value: Any) -> str:
+  """A TFDS text value as str: bytes from a data source, str or numpy str otherwise."""
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def tfds_examples(name: str, split: str, errors: records.RowErrors, *,
+                  data_dir: str | None = None) -> list[SquadExample]:
+  """Reads the questions of a TFDS dataset with SQuAD's features, by name.
+
+  Args:
+    name: e.g. 'squad' (v1.1), read with `tfds.data_source` (array_record, no TensorFlow);
+      it must be prepared in ``data_dir``. Its features are those of TFDS's squad: ``id``,
+      ``question``, ``context``, ``answers`` {``text``: [..], ``answer_start``: [..]}
+      and optionally ``title``.
+    split: TFDS split syntax ('train', 'validation[:500]').
+    errors: collects bad questions, named ``tfds:<name>/<split> example <i> (id <id>)``
+      with the checks of `read_squad`; the caller calls ``errors.finish()``.
+    data_dir: the TFDS data dir; None is TFDS's own.
+  Returns:
+    The good questions in dataset order.
+  Raises:
+    ValueError naming the dataset and the SQuAD features it lacks.
+  """
+  import tensorflow_datasets as tfds
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  features = source.dataset_info.features
+  missing = [f for f in TFDS_FEATURES if f not in features]
+  if not missing:
+    answers = getattr(features['answers'], 'feature', {})
+    missing = [f'answers.{f}' for f in ('text', 'answer_start') if f not in answers]
+  if missing:
+    raise ValueError(f'TFDS dataset {name!r} has no feature(s) {missing}; a SQuAD-style dataset '
+                   f'has {list(TFDS_FEATURES)} with answers {{text, answer_start}}; it has '
+                   f'{sorted(features)}')
+  path, seen, out = f'tfds:{name}/{split}', set(), []
+  for i in range(len(source)):
+    row = source[i]
+    qid = _text(row['id'])
+    texts, starts = row['answers']['text'], row['answers']['answer_start']
+    qa = {'question': _text(row['question']),
+          'answers': [{'text': _text(t), 'answer_start': int(s)}
+                      for t, s in zip(texts, starts)]}
+    where = f'example {i}' + (f' (id {qid})' if qid else '')
+    title = _text(row['title']) if 'title' in features else ''
+    example = _checked_example(qa, _text(row['context']), qid, seen, True, where, title,
+                               errors, path)
+    if example:
+      out.append(example)
+  return out
 
 
 # ---------------------------------------------------------------------------- featurize

@@ -1,11 +1,13 @@
 """The ``qa`` task: extractive question answering (SQuAD v1.1) with a BERT span head.
 
 Data: SQuAD v1.1 JSON train and dev files (``config.data.train_file`` / ``dev_file``, plain
-or .gz; by default the FAQ set in ``../shared/data/qa``). Bad questions (no or repeated
-id, empty question or context, no answer, an ``answer_start`` that does not point at its
-text) are reported with file, JSON path and id, and skipped or fatal by
-``config.data.on_bad_row``; the good ones are stored once as a TFDS array_record dataset
-(`squad.prepare_squad_builder`) that later runs read instead of the JSON.
+or .gz; by default the FAQ set in ``../shared/data/qa``), or a prepared TFDS dataset with
+SQuAD's features by name (``config.data.tfds_name``, e.g. 'squad'; `squad.tfds_examples`).
+Bad questions (no or repeated id, empty question or context, no answer, an ``answer_start``
+that does not point at its text) are reported with file, JSON path and id (or the TFDS
+split and index), and skipped or fatal by ``config.data.on_bad_row``; the good ones of the
+files are stored once as a TFDS array_record dataset (`squad.prepare_squad_builder`) that
+later runs read instead of the JSON.
 
 Features (`squad.featurize`): ``[CLS] question [SEP] context window [SEP]`` windows of
 ``data.max_seq_len`` tokens every ``data.doc_stride`` context tokens, labelled with the
@@ -48,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_mini import metrics_squad, training
-from flaxformer_mini.data import squad, wordpiece
+from flaxformer_mini.data import records, squad, wordpiece
 from flaxformer_mini.tasks.base import PyTree
 from flaxformer_mini.variants import bert
 
@@ -320,7 +322,7 @@ def window_config(d) -> squad.WindowConfig:
 
 class QATask:
   """`tasks.Task` for extractive QA. Reads ``config.model`` (init_from, encoder,
-  type_vocab_size), ``config.data`` (train_file, dev_file, train_split, eval_split,
+  type_vocab_size), ``config.data`` (train_file, dev_file, tfds_name, train_split, eval_split,
   on_bad_row, tokenizer, max_seq_len, doc_stride, max_query_len, train_negatives,
   length_bucket, eval_batch_size, tfds_dir), ``config.eval`` (n_best, max_answer_len,
   num_samples), ``config.batch_size`` and ``config.seed``.
@@ -395,9 +397,18 @@ class QATask:
 
   def _read_data(self):
     d = self.config.data
+    if d.tfds_name:
+      # A prepared TFDS dataset lives in TFDS's own data dir unless tfds_dir names one.
+      out = []
+      for split in (d.train_split, d.eval_split):
+        errors = records.RowErrors(d.on_bad_row, f'tfds:{d.tfds_name} {split}')
+        out.append(squad.tfds_examples(d.tfds_name, split, errors, data_dir=d.tfds_dir or None))
+        errors.finish()
+      return tuple(out)
     tfds_dir = d.tfds_dir or os.path.join(self.workdir, 'tfds')
     if not d.train_file or not d.dev_file:
-      raise ValueError('set config.data.train_file and config.data.dev_file (SQuAD v1.1 JSON)')
+      raise ValueError('set config.data.train_file and config.data.dev_file (SQuAD v1.1 JSON) '
+                       'or config.data.tfds_name')
     train_split, eval_split = (s.split('[')[0] for s in (d.train_split, d.eval_split))
     if train_split == eval_split:
       raise ValueError(f'config.data.train_split and eval_split name the same split '
