@@ -13,12 +13,15 @@ task, on the others:
     summarization   POST /v1/summarize   the same options; documents are cut to the run's
                                           data.max_source_len tokens, as in training
     classification  POST /v1/classify    {"texts": [...]} -> a label and probabilities each
+    qa              POST /v1/answer      {"questions": [...], "contexts": [...]}, or one
+                                          "context" for every question -> {"answers": [{"text",
+                                          "score", "start_char", "end_char"}]}, a span each
 
 An option left out takes the run's default (translation: beam 4, alpha 0.6; summarization:
 its config.eval search); ``beam_size: 1`` is greedy. ``GET /healthz`` and ``GET /v1/model``
 (task, checkpoint step, model config, tokenizer sha256, limits) serve every task. A new task
-(extractive QA's ``/v1/answer``) adds a service class, a loader in `SERVICES` and its path in
-`ENDPOINTS`. Needs the ``serve`` extra: ``pip install -e '.[serve]'``.
+adds a service class, a loader in `SERVICES` and its path in `ENDPOINTS`. Needs the ``serve``
+extra: ``pip install -e '.[serve]'``.
 
 Dynamic batching (`DynamicBatcher`): each request is validated and tokenized on arrival (a
 bad one gets a 4xx of its own and never joins a batch), then queued. One worker thread takes
@@ -85,9 +88,10 @@ class Limits:
   max_texts: int = 64            # texts per request
   max_chars: int = 10000         # characters per text
   max_queue: int = 4096          # texts waiting; beyond it requests get 503
+  max_context_chars: int = 100000  # characters per QA context (the FAQ pages reach 77,216)
 
   def __post_init__(self):
-    for name in ('max_texts', 'max_chars', 'max_queue'):
+    for name in ('max_texts', 'max_chars', 'max_queue', 'max_context_chars'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name}={getattr(self, name)} must be >= 1')
 
@@ -237,6 +241,14 @@ class ClassifyRequest(pydantic.BaseModel):
   """POST /v1/classify."""
   model_config = pydantic.ConfigDict(extra='forbid', strict=True)
   texts: list[str]
+
+
+class AnswerRequest(pydantic.BaseModel):
+  """POST /v1/answer: a context per question, or one ``context`` for all of them."""
+  model_config = pydantic.ConfigDict(extra='forbid', strict=True)
+  questions: list[str]
+  contexts: list[str] | None = None
+  context: str | None = None
 
 
 @dataclasses.dataclass
@@ -462,6 +474,87 @@ class ClassificationService:
             'tokenizer_sha256': file_sha256(c.tokenizer.path) if c.tokenizer.path else None}
 
 
+class QAService:
+  """Extractive QA through `tasks.qa.QuestionAnswerer.answer`: a span of its context for
+  each question.
+
+  A batch holds the (question, context) pairs of the requests run together; their windows
+  go through the answerer in rows of its ``batch_size``, always padded to that many rows and
+  trimmed to a multiple of the run's ``length_bucket``, so any mix shares one shape per
+  length. A question without a valid span gets ``{"text": "", "score": null, "start_char":
+  -1, "end_char": -1}`` (the answerer's score is -inf, which JSON cannot hold).
+  """
+
+  task, path, result_key = 'qa', '/v1/answer', 'answers'
+  request_model = AnswerRequest
+
+  def __init__(self, answerer, *, limits: Limits = Limits()):
+    self.answerer, self.limits = answerer, limits
+    self.max_batch = answerer.batch_size
+
+  def prepare(self, req: AnswerRequest) -> Prepared:
+    shared = req.context is not None
+    if shared == (req.contexts is not None):
+      raise RequestError('send "contexts" (one per question) or "context" (one for every '
+                         'question)' + (', not both' if shared else ''))
+    questions, limits = req.questions, self.limits
+    if not questions:
+      raise RequestError('questions is empty; send at least one question')
+    if len(questions) > limits.max_texts:
+      raise RequestError(f'{len(questions)} questions in one request; the limit is max_texts='
+                         f'{limits.max_texts}', 413)
+    contexts = [req.context] * len(questions) if shared else req.contexts
+    if len(contexts) != len(questions):
+      raise RequestError(f'{len(questions)} questions but {len(contexts)} contexts; send one '
+                         'context per question, or one "context" for all of them')
+    named = [('context', req.context)] if shared else [
+        (f'contexts[{i}]', c) for i, c in enumerate(contexts)]
+    checks = [(f'questions[{i}]', q, 'max_chars') for i, q in enumerate(questions)]
+    checks += [(name, c, 'max_context_chars') for name, c in named]
+    for name, text, limit in checks:
+      if not text.strip():
+        raise RequestError(f'{name} is empty')
+      if len(text) > getattr(limits, limit):
+        raise RequestError(f'{name} has {len(text)} characters; the limit is {limit}='
+                           f'{getattr(limits, limit)}', 413)
+    # A context without tokens would fail the whole batch in the answerer: refuse it here.
+    encoded = self.answerer.tokenizer.hf.encode_batch([c for _, c in named],
+                                                      add_special_tokens=False)
+    for (name, _), enc in zip(named, encoded):
+      if not enc.ids:
+        raise RequestError(f'{name} has no token: the tokenizer drops all its characters')
+    return Prepared(None, list(zip(questions, contexts)))
+
+  def run(self, key, items: list) -> list[dict]:
+    questions, contexts = zip(*items)
+    return [{'text': a.text, 'score': a.score if np.isfinite(a.score) else None,
+             'start_char': a.start_char, 'end_char': a.end_char}
+            for a in self.answerer.answer(questions, contexts)]
+
+  def compiled(self) -> None:
+    return None  # QuestionAnswerer keeps its jit private
+
+  def warm_up(self, searches=()) -> int:
+    """Runs every window length bucket once (the row count is fixed)."""
+    a = self.answerer
+    l, bucket = a.windows.max_seq_len, a.bucket
+    lengths = list(range(bucket, l, bucket)) + [l] if bucket > 0 else [l]
+    for n in lengths:
+      mask = np.zeros((1, l), np.int32)
+      mask[:, :n] = 1
+      a.logits({'input_ids': mask, 'token_type_ids': np.zeros_like(mask),
+                'attention_mask': mask})
+    return len(lengths)
+
+  def info(self) -> dict:
+    from flaxformer_mini.data.tokenized import file_sha256
+    a = self.answerer
+    return {'model': _jsonable(dataclasses.asdict(a.cfg)),
+            'windows': dataclasses.asdict(a.windows), 'n_best': a.n_best,
+            'max_answer_len': a.max_answer_len, 'batch_size': a.batch_size,
+            'tokenizer_sha256': file_sha256(a.tokenizer.path) if a.tokenizer.path else None}
+
+
 def _plain(value: Any) -> str:
   try:
     return np.dtype(value).name  # the configs' dtype fields
@@ -538,12 +631,19 @@ def _classification(workdir, step, *, max_batch, limits, **options):
   return ClassificationService(classifier, limits=limits), step
 
 
+def _qa(workdir, step, *, max_batch, limits, **options):
+  from flaxformer_mini.tasks.qa import QuestionAnswerer
+  answerer, step = load_newest(QuestionAnswerer.from_workdir, workdir, step,
+                               batch_size=max_batch)
+  return QAService(answerer, limits=limits), step
+
+
 # config.task -> loader(workdir, step, **options) -> (service, step loaded).
 SERVICES = {'translation': _translation, 'summarization': _summarization,
-            'classification': _classification}
-# Every task endpoint; a server answers its own and 404s the others. QA adds '/v1/answer'.
+            'classification': _classification, 'qa': _qa}
+# Every task endpoint; a server answers its own and 404s the others.
 ENDPOINTS = {'/v1/translate': 'translation', '/v1/summarize': 'summarization',
-             '/v1/classify': 'classification'}
+             '/v1/classify': 'classification', '/v1/answer': 'qa'}
 
 
 def load_service(workdir: str, step: int | None = None, *, max_batch: int = 32,
@@ -682,6 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--max_texts', type=int, default=Limits.max_texts)
   parser.add_argument('--max_chars', type=int, default=Limits.max_chars)
   parser.add_argument('--max_queue', type=int, default=Limits.max_queue)
+  parser.add_argument('--max_context_chars', type=int, default=Limits.max_context_chars,
+                      help='characters per context of /v1/answer (qa runs)')
   parser.add_argument('--max_lens', default='',
                       help='comma-separated max_len values served besides the run default '
                            '(compiled on first use; --warmup covers the default)')
@@ -704,7 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
       raise ValueError(f'--max_lens={args.max_lens!r} must be comma-separated integers'
                        ) from None
-    limits = Limits(args.max_texts, args.max_chars, args.max_queue)
+    limits = Limits(args.max_texts, args.max_chars, args.max_queue, args.max_context_chars)
     service, step = load_service(args.workdir, args.step, max_batch=args.max_batch,
                                  max_lens=max_lens, max_searches=args.max_searches,
                                  limits=limits)

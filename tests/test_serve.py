@@ -1,7 +1,8 @@
 """flaxformer_mini.serve: the batcher alone; the real server process on a tiny trained run
 (concurrent requests equal `Translator`, bad requests get 4xx and never fail a burst's good
 ones, a disconnected client is skipped, SIGTERM drains and exits 0); the summarization and
-classification endpoints served in-process, against `Summarizer` and `Classifier`."""
+classification and QA endpoints served in-process, against `Summarizer`, `Classifier` and
+`QuestionAnswerer`, and the QA requests refused with their reasons."""
 
 import concurrent.futures
 import contextlib
@@ -366,7 +367,7 @@ def test_runs_of_other_tasks_are_refused(tmp_path, capsys):
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump({'task': 'lm'}, f)
   assert serve.main([f'--workdir={tmp_path}']) == 2
-  assert "is a 'lm' run; the server serves ['classification', 'summarization', " \
+  assert "is a 'lm' run; the server serves ['classification', 'qa', 'summarization', " \
          "'translation'] runs" in capsys.readouterr().err
   assert serve.main([f'--workdir={tmp_path}/nothing']) == 2
   assert 'config.json' in capsys.readouterr().err
@@ -463,3 +464,112 @@ def test_classify_endpoint_equals_classifier(tmp_path, monkeypatch):
     assert (info['task'], info['labels']) == ('classification', ['neg', 'neutral', 'pos'])
     status, reply = _post(port, {'texts': ['Bom dia.']})
     assert status == 404 and 'holds a classification run' in reply['error']
+    status, reply = _post(port, {'questions': ['a?'], 'context': 'a'}, '/v1/answer')
+    assert status == 404 and '/v1/answer needs a qa run' in reply['error']
+
+
+QA_WORDS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', 'cat', 'dog', 'sat', 'on',
+            'mat', 'a', 'who', 'where', 'what', 'did', 'red', 'big', '?', '.']
+QA_CONTEXTS = ['the big red cat sat on the mat . a dog sat on the cat . the mat sat on a dog .',
+               'a dog .', 'the cat sat . the dog sat . what sat on the red mat ? a big cat did .']
+
+
+def _tiny_answerer(tmp_path):
+  """A random 1-layer span model over 24-token windows: contexts take several windows."""
+  from flaxformer_mini.data import squad, wordpiece
+  from flaxformer_mini.tasks.qa import QuestionAnswerer
+  from flaxformer_mini.variants import bert
+  (tmp_path / 'qa_vocab.txt').write_text('\n'.join(QA_WORDS) + '\n')
+  tokenizer = wordpiece.WordPiece.from_file(str(tmp_path / 'qa_vocab.txt'))
+  cfg = bert.BertConfig.from_dict({'encoder': dict(
+      vocab_size=len(QA_WORDS), d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
+      max_len=24), 'pooler': False})
+  ids = np.zeros((1, 8), np.int32)
+  params = bert.BertForQuestionAnswering(cfg).init(jax.random.key(0), ids, ids + 1, ids)
+  return QuestionAnswerer(cfg, params['params'], tokenizer,
+                          squad.WindowConfig(max_seq_len=24, doc_stride=6, max_query_len=6),
+                          n_best=5, max_answer_len=4, batch_size=4, bucket=8)
+
+
+@pytest.fixture
+def qa_service(tmp_path, monkeypatch):
+  from flaxformer_mini.tasks.qa import QuestionAnswerer
+  answerer = _tiny_answerer(tmp_path)
+  _fake_run(tmp_path / 'run', 'qa', QuestionAnswerer, answerer, monkeypatch)
+  service, step = serve.load_service(str(tmp_path / 'run'), max_batch=4, limits=serve.Limits(
+      max_texts=8, max_chars=30, max_context_chars=200))
+  assert (service.task, service.path, service.max_batch, step) == ('qa', '/v1/answer', 4, 7)
+  return service, answerer
+
+
+@pytest.mark.slow
+def test_answer_endpoint_equals_question_answerer(qa_service, tmp_path):
+  service, answerer = qa_service
+  assert service.warm_up() == 3  # window lengths 8, 16, 24
+  requests = [{'questions': ['who sat on the mat ?', 'what did the dog ?'],
+               'context': QA_CONTEXTS[0]},
+              {'questions': ['where ?'], 'contexts': [QA_CONTEXTS[1]]},
+              {'questions': ['what sat ?', 'who did ?', 'the red cat ?'],
+               'contexts': [QA_CONTEXTS[2], QA_CONTEXTS[0], QA_CONTEXTS[2]]}]
+  with _serving(service, 4) as port:
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+      results = list(pool.map(lambda b: _post(port, b, '/v1/answer'), requests))
+    assert [s for s, _ in results] == [200] * len(requests)
+    for body, (_, reply) in zip(requests, results):
+      contexts = body.get('contexts') or [body['context']] * len(body['questions'])
+      want = answerer.answer(body['questions'], contexts)
+      got = reply['answers']
+      assert [(g['text'], g['start_char'], g['end_char']) for g in got] == [
+          (w.text, w.start_char, w.end_char) for w in want]
+      np.testing.assert_allclose([g['score'] for g in got], [w.score for w in want], atol=1e-4)
+      assert all(c[g['start_char']:g['end_char']] == g['text'] != '' for g, c in
+                 zip(got, contexts))
+    info = _get(port, '/v1/model')
+    assert (info['task'], info['endpoint'], info['windows']['max_seq_len']) == (
+        'qa', '/v1/answer', 24)
+    assert info['limits']['max_context_chars'] == 200 and info['n_best'] == 5
+    assert info['tokenizer_sha256'] == file_sha256(str(tmp_path / 'qa_vocab.txt'))
+    status, reply = _post(port, {'texts': ['a dog']}, '/v1/classify')
+    assert status == 404 and 'needs a classification run' in reply['error']
+    assert 'answers POST /v1/answer' in reply['error']
+
+
+@pytest.mark.slow
+def test_answer_requests_are_refused_with_their_reason(qa_service):
+  service, _ = qa_service
+  ok = {'questions': ['who sat ?'], 'context': QA_CONTEXTS[1]}
+  cases = [
+      ({'questions': ['a ?'], 'contexts': ['a dog', 'the cat']}, 422,
+       '1 questions but 2 contexts'),
+      ({'questions': ['a ?']}, 422, 'send "contexts" (one per question) or "context"'),
+      ({'questions': ['a ?'], 'contexts': ['a dog'], 'context': 'a dog'}, 422, 'not both'),
+      ({'questions': [], 'context': 'a dog'}, 422, 'questions is empty'),
+      ({'questions': ['a ?', ' '], 'context': 'a dog'}, 422, 'questions[1] is empty'),
+      ({'questions': ['a ?'], 'contexts': ['\t']}, 422, 'contexts[0] is empty'),
+      ({'questions': ['a ?'], 'context': ''}, 422, 'context is empty'),
+      ({'questions': ['a ?'], 'context': '\u200b'}, 422, 'context has no token'),
+      ({'questions': ['a ?'] * 9, 'context': 'a dog'}, 413, 'the limit is max_texts=8'),
+      ({'questions': ['a' * 31], 'context': 'a dog'}, 413,
+       'questions[0] has 31 characters; the limit is max_chars=30'),
+      ({'questions': ['a ?', 'b ?'], 'contexts': ['a dog', 'a ' * 101]}, 413,
+       'contexts[1] has 202 characters; the limit is max_context_chars=200'),
+      ({'questions': 'a ?', 'context': 'a dog'}, 422, 'questions: Input should be a valid list'),
+      ({'questions': ['a ?'], 'context': ['a dog']}, 422, 'context: Input should be a valid'),
+      ({**ok, 'beam_size': 1}, 422, 'beam_size: Extra inputs'),
+  ]
+  with _serving(service, 4) as port:
+    for body, status, message in cases:
+      got, reply = _post(port, body, '/v1/answer')
+      assert (got, message in reply['error']) == (status, True), (body, reply)
+    got, reply = _post(port, ok, '/v1/answer')
+    assert got == 200 and len(reply['answers']) == 1
+    assert _get(port, '/healthz')['texts_run'] == 1  # the refused ones never reached a batch
+
+
+def test_answer_without_a_valid_span_has_a_null_score(qa_service, monkeypatch):
+  from flaxformer_mini.tasks.qa import Answer
+  service, answerer = qa_service
+  monkeypatch.setattr(answerer, 'answer', lambda q, c: [Answer('', float('-inf'), -1, -1)])
+  got = service.run(None, [('who ?', 'a dog')])
+  assert got == [{'text': '', 'score': None, 'start_char': -1, 'end_char': -1}]
+  json.dumps(got, allow_nan=False)  # what the HTTP reply must hold
