@@ -542,6 +542,13 @@ def _first_line(error: BaseException) -> str:
   return lines[0][:300] if lines else ''
 
 
+def has_checkpoints(run_dir: str) -> bool:
+  """Whether a run was trained in ``run_dir`` (it holds a numbered checkpoint directory):
+  the assets its checkpoints were trained with must then stay as they are."""
+  path = os.path.join(run_dir, CHECKPOINT_SUBDIR)
+  return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+
+
 # ----------------------------------------------------------------------------- inference
 
 

@@ -16,6 +16,7 @@ odd longest_first tie the other way). `WordPiece.hf` is the underlying
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -164,3 +165,29 @@ class WordPiece:
   def decode(self, ids: Sequence[int]) -> str:
     """Ids -> text, specials and padding dropped."""
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def run_tokenizer(workdir: str, source: str, *, trained: bool) -> WordPiece:
+  """The run's tokenizer ``<workdir>/tokenizer.json``, written from ``source`` (a
+  tokenizer.json or a vocab.txt) unless the workdir already holds the same one.
+
+  Args:
+    workdir: the run directory.
+    source: ``config.data.tokenizer`` resolved to a file.
+    trained: the workdir holds checkpoints: a tokenizer there that differs from ``source``
+      is then refused (the checkpoints were trained on its ids), else it is replaced.
+  """
+  wanted = WordPiece.from_file(source)
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.isfile(path) and WordPiece.from_file(path).hf.to_str() != wanted.hf.to_str():
+    if trained:
+      raise ValueError(f'{path} is not config.data.tokenizer={source!r} (the run in {workdir} '
+                       'was trained with the former); use a fresh --workdir for another '
+                       'tokenizer')
+    os.remove(path)
+  if not os.path.isfile(path):
+    if source.endswith('.json'):
+      shutil.copyfile(source, path)
+    else:  # a vocab.txt: save the tokenizer it makes
+      wanted.hf.save(path)
+  return WordPiece.from_file(path)

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 
 import grain
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from flaxformer_mini import training
+from flaxformer_mini import checkpoints, training
 from flaxformer_mini.data import records, tables, wordpiece
 from flaxformer_mini.dropout import Dropout
 from flaxformer_mini.tasks.base import PyTree
@@ -257,7 +256,6 @@ class Classifier:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> Classifier:
     """Loads a ``classification`` run (newest readable checkpoint, or ``step``)."""
-    from flaxformer_mini import checkpoints
     config, params, assets = checkpoints.load_run(workdir, step)
     if config.task != 'classification':
       raise ValueError(f'{workdir} is a {config.task!r} run, not a classification run')
@@ -333,7 +331,7 @@ class ClassificationTask:
     if len(self.labels) < 2:
       raise ValueError(f'the train split has {len(self.labels)} label(s) {self.labels}; a '
                        'classifier needs at least 2 (config.data.label_column)')
-    trained = self._has_checkpoints()
+    trained = checkpoints.has_checkpoints(self.workdir)
     labels_path = os.path.join(self.workdir, LABELS_FILE)
     if os.path.isfile(labels_path):
       with open(labels_path) as f:
@@ -346,21 +344,8 @@ class ClassificationTask:
     index = {l: i for i, l in enumerate(self.labels)}
 
     tokenizer_src = d.tokenizer or os.path.join(bert.minilm_dir(), wordpiece.TOKENIZER_FILE)
-    wanted = wordpiece.WordPiece.from_file(tokenizer_src)
-    tokenizer_path = os.path.join(self.workdir, wordpiece.TOKENIZER_FILE)
-    if (os.path.isfile(tokenizer_path) and
-        wordpiece.WordPiece.from_file(tokenizer_path).hf.to_str() != wanted.hf.to_str()):
-      if trained:
-        raise ValueError(f'{tokenizer_path} is not config.data.tokenizer={tokenizer_src!r} '
-                         f'(the run in {self.workdir} was trained with the former); use a '
-                         'fresh --workdir for another tokenizer')
-      os.remove(tokenizer_path)
-    if not os.path.isfile(tokenizer_path):
-      if tokenizer_src.endswith('.json'):
-        shutil.copyfile(tokenizer_src, tokenizer_path)
-      else:  # a vocab.txt: save the tokenizer it makes
-        wanted.hf.save(tokenizer_path)
-    self.tokenizer = wordpiece.WordPiece.from_file(tokenizer_path)
+    self.tokenizer = wordpiece.run_tokenizer(self.workdir, tokenizer_src, trained=trained)
+    tokenizer_path = self.tokenizer.path
 
     self.bert_config, self.init_dir = model_config(config.model, len(self.labels))
     enc = self.bert_config.encoder
@@ -387,12 +372,6 @@ class ClassificationTask:
     self._predictor = None
 
   # -- data ----------------------------------------------------------------------------
-
-  def _has_checkpoints(self) -> bool:
-    """Whether a run was trained in the workdir (its assets must then stay as they are)."""
-    from flaxformer_mini import checkpoints
-    path = os.path.join(self.workdir, checkpoints.CHECKPOINT_SUBDIR)
-    return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
 
   def _read_data(self):
     d = self.config.data

@@ -40,7 +40,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import statistics
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -49,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxformer_mini import metrics_squad, training
+from flaxformer_mini import checkpoints, metrics_squad, training
 from flaxformer_mini.data import records, squad, wordpiece
 from flaxformer_mini.tasks.base import PyTree
 from flaxformer_mini.variants import bert
@@ -255,7 +254,6 @@ class QuestionAnswerer:
   def from_workdir(cls, workdir: str, step: int | None = None, **kwargs
                    ) -> QuestionAnswerer:
     """Loads a ``qa`` run (newest readable checkpoint, or ``step``)."""
-    from flaxformer_mini import checkpoints
     config, params, assets = checkpoints.load_run(workdir, step)
     if config.task != 'qa':
       raise ValueError(f'{workdir} is a {config.task!r} run, not a qa run')
@@ -341,21 +339,9 @@ class QATask:
     train_examples, self.dev_examples = self._read_data()
 
     tokenizer_src = d.tokenizer or os.path.join(bert.minilm_dir(), wordpiece.TOKENIZER_FILE)
-    wanted = wordpiece.WordPiece.from_file(tokenizer_src)
-    tokenizer_path = os.path.join(self.workdir, wordpiece.TOKENIZER_FILE)
-    if (os.path.isfile(tokenizer_path) and
-        wordpiece.WordPiece.from_file(tokenizer_path).hf.to_str() != wanted.hf.to_str()):
-      if self._has_checkpoints():
-        raise ValueError(f'{tokenizer_path} is not config.data.tokenizer={tokenizer_src!r} '
-                         f'(the run in {self.workdir} was trained with the former); use a '
-                         'fresh --workdir for another tokenizer')
-      os.remove(tokenizer_path)
-    if not os.path.isfile(tokenizer_path):
-      if tokenizer_src.endswith('.json'):
-        shutil.copyfile(tokenizer_src, tokenizer_path)
-      else:  # a vocab.txt: save the tokenizer it makes
-        wanted.hf.save(tokenizer_path)
-    self.tokenizer = wordpiece.WordPiece.from_file(tokenizer_path)
+    self.tokenizer = wordpiece.run_tokenizer(
+        self.workdir, tokenizer_src, trained=checkpoints.has_checkpoints(self.workdir))
+    tokenizer_path = self.tokenizer.path
 
     self.bert_config, self.init_dir = model_config(config.model)
     enc = self.bert_config.encoder
@@ -388,12 +374,6 @@ class QATask:
     if jax.process_index() == 0:
       self._report(train_examples, train)
     self._answerer: QuestionAnswerer | None = None
-
-  def _has_checkpoints(self) -> bool:
-    """Whether a run was trained in the workdir (its assets must then stay as they are)."""
-    from flaxformer_mini import checkpoints
-    path = os.path.join(self.workdir, checkpoints.CHECKPOINT_SUBDIR)
-    return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
 
   def _read_data(self):
     d = self.config.data
