@@ -42,7 +42,7 @@ from flaxformer_mini import training
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data.tokenized import file_sha256
 from flaxformer_mini.models import Transformer
-from flaxformer_mini.tasks.translation import TranslationTask, _data_paths
+from flaxformer_mini.tasks.translation import TranslationTask, _data_paths, batch_logits
 from flaxformer_mini.translate import SearchConfig, Translator
 
 log = logging.getLogger(__name__)
@@ -225,23 +225,11 @@ class DistillationTask(TranslationTask):
 
   def teacher_logits(self, batch) -> jax.Array:
     """The frozen teacher's logits [rows, tgt_len, vocab] for a pipeline batch."""
-    logits = self._teacher.apply(
-        {'params': self._teacher_params}, batch['inputs'], batch['decoder_inputs'],
-        inputs_segmentation=batch['inputs_segmentation'],
-        targets_segmentation=batch['targets_segmentation'],
-        inputs_positions=batch['inputs_position'],
-        targets_positions=batch['targets_position'], deterministic=True)
-    return lax.stop_gradient(logits)
+    return lax.stop_gradient(batch_logits(self._teacher, self._teacher_params, batch))
 
   def loss_and_metrics(self, params, batch, rng, deterministic):
     k = self.config.distill
-    logits = self.model.apply(
-        {'params': params}, batch['inputs'], batch['decoder_inputs'],
-        inputs_segmentation=batch['inputs_segmentation'],
-        targets_segmentation=batch['targets_segmentation'],
-        inputs_positions=batch['inputs_position'],
-        targets_positions=batch['targets_position'],
-        deterministic=deterministic, rngs={'dropout': rng})
+    logits = batch_logits(self.model, params, batch, deterministic=deterministic, rng=rng)
     weights = batch['targets_segmentation'] > 0
     sums = training.cross_entropy_sums(logits, batch['targets'], weights,
                                        self.config.loss.label_smoothing)

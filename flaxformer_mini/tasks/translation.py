@@ -43,6 +43,18 @@ def _data_paths(d) -> dict[str, str]:
   raise ValueError(f"config.data.source={d.source!r} is not one of ('embedded', 'shared')")
 
 
+def batch_logits(model: Transformer, params: PyTree, batch, *, deterministic: bool = True,
+                 rng: jax.Array | None = None) -> jax.Array:
+  """[rows, tgt_len, vocab] float32 logits of a pipeline batch (packed or padded: the
+  segment ids and positions of `flaxformer_mini.data.pipeline` go to the model)."""
+  return model.apply(
+      {'params': params}, batch['inputs'], batch['decoder_inputs'],
+      inputs_segmentation=batch['inputs_segmentation'],
+      targets_segmentation=batch['targets_segmentation'],
+      inputs_positions=batch['inputs_position'], targets_positions=batch['targets_position'],
+      deterministic=deterministic, rngs=None if rng is None else {'dropout': rng})
+
+
 class Seq2SeqTask:
   """A `Transformer` on text pairs ``src_key`` -> ``tgt_key``: what translation and
   summarization share (tokenizer, model, loss, pipeline, `Translator` search).
@@ -97,13 +109,7 @@ class Seq2SeqTask:
 
   def loss_and_metrics(self, params, batch, rng, deterministic):
     """batch: the pipeline's packed/padded dict (see flaxformer_mini.data.pipeline)."""
-    logits = self.model.apply(
-        {'params': params}, batch['inputs'], batch['decoder_inputs'],
-        inputs_segmentation=batch['inputs_segmentation'],
-        targets_segmentation=batch['targets_segmentation'],
-        inputs_positions=batch['inputs_position'],
-        targets_positions=batch['targets_position'],
-        deterministic=deterministic, rngs={'dropout': rng})
+    logits = batch_logits(self.model, params, batch, deterministic=deterministic, rng=rng)
     sums = training.cross_entropy_sums(logits, batch['targets'],
                                        batch['targets_segmentation'] > 0,
                                        self.config.loss.label_smoothing)
