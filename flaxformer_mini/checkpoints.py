@@ -552,6 +552,22 @@ def has_checkpoints(run_dir: str) -> bool:
 # ----------------------------------------------------------------------------- inference
 
 
+def run_task(run_dir: str, step: int | None = None) -> str:
+  """``config.task`` of a run directory: from its ``config.json`` when there is one (train.py
+  writes it), else from the checkpoint's config."""
+  if not os.path.isdir(run_dir):
+    raise FileNotFoundError(f'run directory not found: {os.path.abspath(run_dir)!r}')
+  path = os.path.join(run_dir, 'config.json')
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding='utf-8') as f:
+        return json.load(f).get('task', 'translation')
+    except (ValueError, AttributeError) as e:
+      raise ValueError(f'{path!r} is not a readable run config ({e})') from None
+  config, _, _ = load_run(run_dir, step)
+  return config.get('task', 'translation')
+
+
 def load_run(run_dir: str, step: int | None = None, *, with_meta: bool = False):
   """Loads any task's trained run for inference, onto one device.
 

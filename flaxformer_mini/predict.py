@@ -23,24 +23,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 TASKS = ('translation', 'distill', 'summarization', 'classification', 'qa')
-
-
-def run_task(workdir: str, step: int | None = None) -> str:
-  """The ``config.task`` of a run directory: from its ``config.json`` (written by train.py)
-  when there is one, else from the checkpoint."""
-  path = os.path.join(workdir, 'config.json')
-  if os.path.isfile(path):
-    with open(path, encoding='utf-8') as f:
-      return json.load(f).get('task', 'translation')
-  from flaxformer_mini import checkpoints
-  config, _, _ = checkpoints.load_run(workdir, step)
-  return config.get('task', 'translation')
 
 
 def _qa_inputs(lines: Sequence[str], context: str | None, where: str
@@ -69,9 +56,8 @@ def _qa_inputs(lines: Sequence[str], context: str | None, where: str
 def predictor(workdir: str, step: int | None = None, *, batch_size: int | None = None
               ) -> tuple[str, Callable[[list[str], str | None, str], list[Any]]]:
   """(task name, fn(lines, qa context, where) -> one prediction per line) of a run."""
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'run directory not found: {workdir!r}')
-  task = run_task(workdir, step)
+  from flaxformer_mini import checkpoints
+  task = checkpoints.run_task(workdir, step)
   kw = {} if batch_size is None else {'batch_size': batch_size}
   if task in ('translation', 'distill'):
     from flaxformer_mini.translate import Translator

@@ -28,6 +28,7 @@ array, so the few lines here do it instead.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -162,6 +163,8 @@ def quantize_run(workdir: str, out: str, *, step: int | None = None,
   for name, path in assets.items():
     copied[name] = os.path.join(out, name)
     shutil.copyfile(path, copied[name])
+  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(checkpoints.config_to_dict(config), f, indent=2)
   writer = checkpoints.Checkpointer(out, keep=1, keep_best=0, async_save=False)
   writer.save(source_step, {'params': qparams}, data_state=None, config=config,
               assets=copied, task=config.get('task', ''),

@@ -569,19 +569,6 @@ def _jsonable(d: Any) -> Any:
 # ------------------------------------------------------------------------------- loading
 
 
-def run_task(workdir: str) -> str:
-  """``config.task`` of a run directory, from its ``config.json``."""
-  path = os.path.join(workdir, 'config.json')
-  try:
-    with open(path) as f:
-      return json.load(f)['task']
-  except FileNotFoundError:
-    raise FileNotFoundError(f'{path!r} not found: --workdir must be a training run '
-                            'directory') from None
-  except (ValueError, KeyError) as e:
-    raise ValueError(f'{path!r} has no readable "task" ({e})') from None
-
-
 def load_newest(load: Callable, workdir: str, step: int | None, **kwargs) -> tuple[Any, int]:
   """(``load(workdir, step, **kwargs)``, the step loaded): ``step`` or the newest readable."""
   if step is not None:
@@ -640,7 +627,8 @@ def _qa(workdir, step, *, max_batch, limits, **options):
 
 # config.task -> loader(workdir, step, **options) -> (service, step loaded).
 SERVICES = {'translation': _translation, 'summarization': _summarization,
-            'classification': _classification, 'qa': _qa}
+            'classification': _classification, 'qa': _qa,
+            'distill': _translation}  # a distilled student is a translation model
 # Every task endpoint; a server answers its own and 404s the others.
 ENDPOINTS = {'/v1/translate': 'translation', '/v1/summarize': 'summarization',
              '/v1/classify': 'classification', '/v1/answer': 'qa'}
@@ -650,7 +638,8 @@ def load_service(workdir: str, step: int | None = None, *, max_batch: int = 32,
                  max_lens: Sequence[int] = (), max_searches: int = 16,
                  limits: Limits = Limits()):
   """(service, checkpoint step) for the run's task; ValueError names an unserved task."""
-  task = run_task(workdir)
+  from flaxformer_mini import checkpoints
+  task = checkpoints.run_task(workdir, step)
   if task not in SERVICES:
     raise ValueError(f'{os.path.abspath(workdir)!r} is a {task!r} run; the server serves '
                      f'{sorted(SERVICES)} runs')

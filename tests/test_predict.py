@@ -22,7 +22,8 @@ def test_translation_run_predicts_like_translator(smoke_run_dir, tmp_path, capsy
   assert predict.main([f'--workdir={smoke_run_dir}', f'--input={src}', f'--output={out}']) == 0
   want = translate.Translator.from_workdir(smoke_run_dir).translate(SOURCES)
   assert out.read_text(encoding='utf-8').split('\n')[:4] == [want[0], '', *want[1:]]
-  assert predict.run_task(smoke_run_dir) == 'translation'
+  from flaxformer_mini import checkpoints
+  assert checkpoints.run_task(smoke_run_dir) == 'translation'
   assert predict.main([f'--workdir={smoke_run_dir}', '--json', SOURCES[2]]) == 0
   assert json.loads(capsys.readouterr().out) == {'text': want[2]}
 

@@ -136,6 +136,7 @@ def test_int8_run_directory_round_trips_through_orbax(smoke_run_dir, tmp_path, c
   from flaxformer_mini import checkpoints
   _, params, assets, meta = checkpoints.load_run(out, with_meta=True)
   assert meta['quantization'] == 'int8' and set(assets) == {'spm.model'}
+  assert checkpoints.run_task(out) == 'translation'  # predict and serve read int8 runs too
   qvalues = [x for p, x in jax.tree_util.tree_leaves_with_path(params)
              if str(getattr(p[-1], 'key', p[-1])) == 'qvalue']
   assert qvalues and all(x.dtype == jnp.int8 for x in qvalues)
