@@ -102,8 +102,11 @@ def _block(tree):
   return jax.block_until_ready(tree)
 
 
-def make_ours(batch: dict, impl: str = "auto", batch_chunks: int = 4):
+def make_ours(batch: dict, impl: str = "auto", batch_chunks: int = 4, dtype: str = "float32"):
   """flaxformer_mini `Transformer`; returns (step_fn, description).
+
+  dtype: the compute dtype ('bfloat16' = mixed precision: float32 params and optimizer
+  state, bfloat16 matmuls and activations, float32 softmax / norm statistics / loss).
 
   impl='library': `flaxformer_mini.training` (make_optimizer + make_step_fns: jitted
   train_step with the state donated) and its `cross_entropy_sums` loss.
@@ -117,7 +120,7 @@ def make_ours(batch: dict, impl: str = "auto", batch_chunks: int = 4):
 
   from flaxformer_mini import Transformer, TransformerConfig
 
-  cfg = TransformerConfig(**MODEL)
+  cfg = TransformerConfig(**MODEL, dtype=getattr(jnp, dtype))
   model = Transformer(cfg)
   jbatch = {k: jnp.asarray(x) for k, x in batch.items()}
   params = jax.jit(model.init)(jax.random.key(0), jbatch["inputs"][:1],
@@ -159,7 +162,8 @@ def make_ours(batch: dict, impl: str = "auto", batch_chunks: int = 4):
       _block((holder["state"], metrics))
 
     return step, ("library: training.make_optimizer (constant lr, no clipping) + "
-                  f"make_step_fns('jit', batch_chunks={batch_chunks}) + cross_entropy_sums")
+                  f"make_step_fns('jit', batch_chunks={batch_chunks}) + cross_entropy_sums, "
+                  f"compute {dtype}")
 
   def logits_fn(p, batch, step_rng):
     return model.apply({"params": p}, batch["inputs"], batch["decoder_inputs"],
@@ -384,8 +388,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="1 warmup + 1x3 timed steps (smoke run)")
   p.add_argument("--systems", default="ours,hf,torch,floor",
-                 help="comma-separated subset of ours,hf,torch,floor (floor: matmuls only, "
-                      "see make_floor)")
+                 help="comma-separated subset of ours,ours_bf16,hf,torch,floor (ours_bf16: "
+                      "bfloat16 compute; floor: matmuls only, see make_floor)")
   p.add_argument("--ours", default="auto", choices=("auto", "library", "fallback"),
                  help="our train step: the library's training.py or the plain fallback")
   p.add_argument("--batch-chunks", type=int, default=4,
@@ -402,9 +406,10 @@ def main(argv=None):
   if args.quick:
     args.warmup, args.rounds, args.steps_per_round = 1, 1, 3
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-  unknown = set(systems) - {"ours", "hf", "torch", "floor"}
+  unknown = set(systems) - {"ours", "ours_bf16", "hf", "torch", "floor"}
   if unknown:
-    p.error(f"--systems: unknown {sorted(unknown)}; expected a subset of ours,hf,torch,floor")
+    p.error(f"--systems: unknown {sorted(unknown)}; expected a subset of "
+            "ours,ours_bf16,hf,torch,floor")
 
   info = common.machine_info()
   flops = training_flops_per_step(**MODEL, **BATCH)
@@ -428,6 +433,7 @@ def main(argv=None):
 
   batch = make_batch()
   builders = {"ours": lambda: make_ours(batch, args.ours, args.batch_chunks),
+              "ours_bf16": lambda: make_ours(batch, "library", args.batch_chunks, "bfloat16"),
               "hf": lambda: make_hf(batch),
               "torch": lambda: make_torch(batch, args.torch_threads),
               "floor": lambda: make_floor(batch, args.batch_chunks)}
