@@ -193,8 +193,8 @@ def plot_positional_encoding(num_positions: int, d_model: int, path: str,
   left.set(title=f'PE[pos, i]: sin at even i, cos at odd i (d_model={d_model})',
            xlabel='encoding dimension i', ylabel='position pos')
   fig.colorbar(im, ax=left, label='PE value')
-  # A few even (sin) columns: the wavelength grows geometrically with the dimension.
-  for i in sorted({0, 2, 6, 14, 30} & set(range(0, d_model, 2))):
+  # Even (sin) columns spread over the dimensions: the wavelength grows geometrically with i.
+  for i in sorted({2 * int(d_model * f / 2) for f in (0, 1 / 16, 1 / 8, 1 / 4, 1 / 2)}):
     middle.plot(table[:, i], label=f'i={i}')
   middle.set(title='PE[:, i] against the position (sin columns)', xlabel='position pos',
              ylabel='PE value')
