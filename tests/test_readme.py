@@ -9,7 +9,8 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def test_readme_snippets_print_what_they_claim():
-  text = open(README, encoding='utf-8').read()
+  with open(README, encoding='utf-8') as f:
+    text = f.read()
   blocks = re.findall(r'```python\n(.*?)```', text, re.S)
   assert len(blocks) >= 3, 'README lost its attention / encoder-decoder / decoding snippets'
   scope: dict = {}
