@@ -66,6 +66,7 @@ def start_server(args, log_path: str) -> tuple[subprocess.Popen, str]:
   warmup = 'greedy' if args.beam_size == 1 else 'default'
   cmd = [sys.executable, '-m', 'flaxformer_mini.serve', f'--workdir={args.workdir}',
          '--port=0', f'--max_batch={args.max_batch}', f'--max_wait_ms={args.max_wait_ms}',
+         f'--wait_fraction={args.wait_fraction}',
          f'--warmup={warmup}']
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -174,6 +175,7 @@ def main(argv=None):
   p.add_argument('--alpha', type=float, default=0.6)
   p.add_argument('--max_batch', type=int, default=32, help='server --max_batch, ceiling batch')
   p.add_argument('--max_wait_ms', type=float, default=10.0, help='server --max_wait_ms')
+  p.add_argument('--wait_fraction', type=float, default=0.05, help='server --wait_fraction')
   p.add_argument('--timeout', type=float, default=120.0, help='seconds before a request drops')
   p.add_argument('--start_timeout', type=float, default=1200.0, help='server start-up limit')
   p.add_argument('--ceiling_rounds', type=int, default=3)
@@ -216,7 +218,8 @@ def main(argv=None):
               'server': url if args.url else 'started here', 'clients': args.clients,
               'seconds': args.seconds, 'ramp_s': args.ramp, 'request': body,
               'max_len': model['max_len'], 'max_batch': model['max_batch'],
-              'max_wait_ms': model['max_wait_ms'], 'sentences_file': args.sentences,
+              'max_wait_ms': model['max_wait_ms'],
+              'wait_fraction': model.get('wait_fraction'), 'sentences_file': args.sentences,
               'sentences': len(sentences), 'sentences_skipped_too_long':
               len(read) - len(sentences), 'timeout_s': args.timeout}
     common.print_header('serve_load', info, config)

@@ -26,8 +26,11 @@ extra: ``pip install -e '.[serve]'``.
 Dynamic batching (`DynamicBatcher`): each request is validated and tokenized on arrival (a
 bad one gets a 4xx of its own and never joins a batch), then queued. One worker thread takes
 the oldest request and every queued request with the same options, up to ``--max_batch``
-texts or until ``--max_wait_ms`` has passed since the oldest arrived or the previous batch
-ended (whichever is later: the clients just answered can join), and runs them together;
+texts or until the wait has passed since the oldest arrived or the previous batch ended
+(whichever is later: the clients just answered can join), and runs them together. The wait is
+``--max_wait_ms`` or ``--wait_fraction`` of the previous batch's run time, whichever is longer:
+where a batch takes seconds (a CPU) the answered clients get time to send again and fill the
+next batch, for a bounded share of latency;
 translation and summarization go through `Translator.translate_encoded`, i.e. the power-of-two
 buckets of offline translation, which start-up compiles (``--warmup``), so a burst of
 single-sentence requests compiles nothing new. Sampling requests run alone, so a seed gives
@@ -118,17 +121,22 @@ class DynamicBatcher:
     max_wait_ms: how long the oldest queued request waits for company once the worker is
       free (counted from the later of its arrival and the end of the previous batch, so the
       clients just answered can send their next request in time to join).
+    wait_fraction: the wait is at least this fraction of the previous batch's run time.
     max_queue: most items waiting; `submit` refuses more with a 503.
   """
 
   def __init__(self, run: Callable[[Hashable, list], list], *, max_batch: int = 32,
-               max_wait_ms: float = 10.0, max_queue: int = Limits.max_queue):
+               max_wait_ms: float = 10.0, wait_fraction: float = 0.0,
+               max_queue: int = Limits.max_queue):
     if max_batch < 1:
       raise ValueError(f'max_batch={max_batch} must be >= 1')
     if max_wait_ms < 0:
       raise ValueError(f'max_wait_ms={max_wait_ms} must be >= 0')
+    if not 0 <= wait_fraction <= 1:
+      raise ValueError(f'wait_fraction={wait_fraction} must be in [0, 1]')
     self.run, self.max_batch, self.max_queue = run, int(max_batch), int(max_queue)
-    self.max_wait = max_wait_ms / 1000.0
+    self.max_wait, self.wait_fraction = max_wait_ms / 1000.0, float(wait_fraction)
+    self._last_run = 0.0  # seconds the previous batch ran
     self._jobs: list[_Job] = []
     self._cv = threading.Condition()
     self._closed = False
@@ -176,7 +184,8 @@ class DynamicBatcher:
       if not self._jobs:
         return None
       first = self._jobs[0]
-      deadline = max(first.arrived, self._free_since) + self.max_wait
+      wait = max(self.max_wait, self.wait_fraction * self._last_run)
+      deadline = max(first.arrived, self._free_since) + wait
       while True:
         same = [j for j in self._jobs if j.group == first.group]
         remaining = deadline - time.monotonic()
@@ -202,6 +211,7 @@ class DynamicBatcher:
         continue
       items = [x for j in started for x in j.items]
       self.running = len(items)
+      t0 = time.monotonic()
       try:
         results = self.run(started[0].key, items)
       except Exception as e:  # every item was validated: this is a server bug, logged
@@ -213,6 +223,7 @@ class DynamicBatcher:
         self.running = 0
       self.batches_run += 1
       self.items_run += len(items)
+      self._last_run = time.monotonic() - t0
       start = 0
       for job in started:
         job.future.set_result(results[start:start + len(job.items)])
@@ -731,7 +742,8 @@ def model_info(service, batcher: DynamicBatcher, workdir: str, step: int) -> dic
   """What GET /v1/model answers: task, run, step, batching, limits, model and tokenizer."""
   return {'task': service.task, 'workdir': os.path.abspath(workdir), 'checkpoint_step': step,
           'endpoint': service.path, 'max_batch': batcher.max_batch,
-          'max_wait_ms': batcher.max_wait * 1000, 'limits': dataclasses.asdict(service.limits),
+          'max_wait_ms': batcher.max_wait * 1000, 'wait_fraction': batcher.wait_fraction,
+          'limits': dataclasses.asdict(service.limits),
           **service.info()}
 
 
@@ -768,6 +780,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--max_batch', type=int, default=32, help='texts decoded together')
   parser.add_argument('--max_wait_ms', type=float, default=10.0,
                       help='how long the oldest queued request waits for company')
+  parser.add_argument('--wait_fraction', type=float, default=0.05,
+                      help='the wait is at least this fraction of the previous batch\'s run time')
   parser.add_argument('--max_texts', type=int, default=Limits.max_texts)
   parser.add_argument('--max_chars', type=int, default=Limits.max_chars)
   parser.add_argument('--max_queue', type=int, default=Limits.max_queue)
@@ -800,7 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  max_lens=max_lens, max_searches=args.max_searches,
                                  limits=limits)
     batcher = DynamicBatcher(service.run, max_batch=service.max_batch,
-                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+                             max_wait_ms=args.max_wait_ms, wait_fraction=args.wait_fraction,
+                             max_queue=args.max_queue)
   except (FileNotFoundError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -122,6 +122,36 @@ def test_batcher_waits_for_the_clients_it_just_answered():
   assert batches == [['a'], ['b', 'c']]
 
 
+@pytest.mark.parametrize('wait_fraction, expected', [
+    (0.0, [['a'], ['b'], ['c']]),          # 10 ms: c, sent 200 ms after a's answer, misses b
+    (1.0, [['a'], ['b', 'c']]),            # a ran 0.6 s: b waits that long for company
+])
+def test_batcher_wait_grows_with_the_previous_batch(wait_fraction, expected):
+  batches = []
+
+  def run(key, items):
+    batches.append(items)
+    if items == ['a']:
+      time.sleep(0.6)
+    return items
+
+  batcher = serve.DynamicBatcher(run, max_batch=4, max_wait_ms=10, wait_fraction=wait_fraction)
+  try:
+    a = batcher.submit(None, ['a'])
+    while not batcher.running:
+      time.sleep(0.001)
+    b = batcher.submit(None, ['b'])
+    assert a.result(10) == ['a']
+    time.sleep(0.2)
+    c = batcher.submit(None, ['c'])
+    assert (b.result(10), c.result(10)) == (['b'], ['c'])
+  finally:
+    batcher.close(10)
+  assert batches == expected
+  with pytest.raises(ValueError, match='wait_fraction=2'):
+    serve.DynamicBatcher(run, wait_fraction=2)
+
+
 def test_batcher_close_finishes_queued_requests_and_bounds_the_queue():
   release = threading.Event()
   batcher = serve.DynamicBatcher(lambda key, items: release.wait(10) and [2 * x for x in items],
