@@ -27,7 +27,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-TASKS = ('translation', 'distill', 'summarization', 'classification', 'qa')
+TASKS = ('translation', 'distill', 'summarization', 'classification', 'distill_classifier',
+         'qa')
 
 
 def _qa_inputs(lines: Sequence[str], context: str | None, where: str
@@ -67,7 +68,7 @@ def predictor(workdir: str, step: int | None = None, *, batch_size: int | None =
     from flaxformer_mini.tasks.summarization import Summarizer
     model = Summarizer.from_workdir(workdir, step, **kw)
     return task, lambda lines, _, __: model.summarize(lines)
-  if task == 'classification':
+  if task in ('classification', 'distill_classifier'):
     from flaxformer_mini.tasks.classification import Classifier
     model = Classifier.from_workdir(workdir, step, **kw)
 
@@ -100,7 +101,7 @@ def format_prediction(task: str, prediction: Any, as_json: bool) -> str:
     return '{}' if as_json else ''
   if task in ('translation', 'distill', 'summarization'):
     return json.dumps({'text': prediction}, ensure_ascii=False) if as_json else prediction
-  if task == 'classification':
+  if task in ('classification', 'distill_classifier'):
     if as_json:
       return json.dumps(dataclasses.asdict(prediction), ensure_ascii=False)
     return f'{prediction.label}\t{prediction.probability:.4f}'

@@ -639,7 +639,8 @@ def _qa(workdir, step, *, max_batch, limits, **options):
 # config.task -> loader(workdir, step, **options) -> (service, step loaded).
 SERVICES = {'translation': _translation, 'summarization': _summarization,
             'classification': _classification, 'qa': _qa,
-            'distill': _translation}  # a distilled student is a translation model
+            'distill': _translation,  # a distilled student is a translation model
+            'distill_classifier': _classification}
 # Every task endpoint; a server answers its own and 404s the others.
 ENDPOINTS = {'/v1/translate': 'translation', '/v1/summarize': 'summarization',
              '/v1/classify': 'classification', '/v1/answer': 'qa'}

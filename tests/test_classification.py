@@ -433,3 +433,83 @@ def test_predict_cli_labels_lines_like_the_classifier(run, tmp_path, capsys):
   assert predict.main([f'--workdir={workdir}', '--json', texts[0]]) == 0
   row = json.loads(capsys.readouterr().out)
   assert row['label'] == want[0].label and set(row['probabilities']) == set(want[0].probabilities)
+
+
+# ------------------------------------------------------------ encoder-only distillation
+
+
+def _student_config(data, teacher_dir, **distill):
+  """A smaller student (1 layer, d=16) of the tiny classifier, distilled from ``teacher_dir``."""
+  import ml_collections
+  c = _config(data, task='distill_classifier')
+  c.model.encoder.update(d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1)
+  c.distill = ml_collections.ConfigDict(dict(teacher_workdir=teacher_dir, teacher_step=0,
+                                             alpha=0.5, temperature=2.0))
+  c.distill.update(distill)
+  return c
+
+
+@pytest.mark.slow
+def test_distilled_classifier_loss_mixes_label_ce_and_teacher_kl(run, data, tmp_path):
+  from flaxformer_mini.tasks import distill
+  teacher_dir, _ = run
+  task = distill.ClassifierDistillationTask(
+      _student_config(data, teacher_dir, alpha=0.3, temperature=2.0), str(tmp_path / 's'))
+  batch = next(task.train_iterator())
+  params = task.init_params(jax.random.PRNGKey(0))
+  loss, sums = jax.jit(lambda p, b: task.loss_and_metrics(p, b, jax.random.PRNGKey(1), True))(
+      params, batch)
+  student = np.asarray(task.model.apply({'params': params}, batch['input_ids'],
+                                        batch['attention_mask']), np.float64)
+  teacher = cls_lib.Classifier.from_workdir(teacher_dir)
+  t_logits = np.asarray(cls_lib.TextClassifier(teacher.cfg, teacher.pooling).apply(
+      {'params': teacher.params}, batch['input_ids'], batch['attention_mask']), np.float64)
+  w = np.asarray(batch['weight'], np.float64)
+
+  def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+  log_t, log_s = log_softmax(t_logits / 2.0), log_softmax(student / 2.0)
+  kd = 4.0 * np.sum(w * np.sum(np.exp(log_t) * (log_t - log_s), -1))
+  ce = -np.sum(w * np.take_along_axis(log_softmax(student),
+                                      np.asarray(batch['label'])[:, None], -1)[:, 0])
+  np.testing.assert_allclose(float(sums['kd']), kd, rtol=1e-4)
+  np.testing.assert_allclose(float(sums['label_loss']), ce, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), 0.7 * ce + 0.3 * kd, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_distilled_classifier_trains_and_is_predicted_as_a_classifier(run, data, tmp_path,
+                                                                       capsys):
+  from flaxformer_mini import predict
+  teacher_dir, _ = run
+  workdir = str(tmp_path / 'student')
+  final = train.train_and_evaluate(_student_config(data, teacher_dir), workdir)
+  assert final['dev/accuracy'] >= 0.75, final  # chance is about 1/3
+  logged = _jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert all(m['train/kd'] >= 0 for m in logged if 'train/kd' in m)
+  texts = [t for t, _ in _rows(6, 7)]
+  want = [p.label for p in cls_lib.Classifier.from_workdir(workdir).classify(texts)]
+  capsys.readouterr()  # the training's own output
+  assert predict.main(['--workdir', workdir, *texts]) == 0
+  assert [line.split('\t')[0] for line in capsys.readouterr().out.splitlines()] == want
+
+
+@pytest.mark.slow
+def test_distilled_classifier_refuses_other_labels_or_tokenizer(run, data, tmp_path):
+  from flaxformer_mini.tasks import distill
+  teacher_dir, _ = run
+  other = dict(KEYWORDS, glim='pebble')
+  c = _student_config(data, teacher_dir)
+  c.data.train_file = _write_table(tmp_path / 'train4.tsv', _rows(40, 3, other))
+  with pytest.raises(ValueError, match=r"has labels \['blick', 'quaff', 'zorp'\], the student's "
+                     r"train data \['blick', 'glim', 'quaff', 'zorp'\]"):
+    distill.ClassifierDistillationTask(c, str(tmp_path / 'a'))
+  vocab = tmp_path / 'vocab2.txt'
+  vocab.write_text(epath.Path(data['vocab']).read_text() + 'extra\n')
+  c = _student_config(data, teacher_dir)
+  c.data.tokenizer = str(vocab)
+  with pytest.raises(ValueError, match=r'set config.data.tokenizer to the teacher'):
+    distill.ClassifierDistillationTask(c, str(tmp_path / 'b'))
+  with pytest.raises(ValueError, match=r'config.distill.teacher_workdir is empty'):
+    distill.ClassifierDistillationTask(_student_config(data, ''), str(tmp_path / 'c'))

@@ -79,6 +79,7 @@ def _bert_task(module_name, max_len_key):
 # config.task -> build(config) -> (d_model, abstract params): what the task builds.
 MODELS = {'translation': _seq2seq, 'summarization': _seq2seq, 'distill': _seq2seq, 'lm': _lm,
           'vit_digits': _vit, 'classification': _bert_task('classification', 'max_len'),
+          'distill_classifier': _bert_task('classification', 'max_len'),
           'qa': _bert_task('qa', 'max_seq_len')}
 CASES = [(name, v) for name in NAMES for v in getattr(_module(name), 'VARIANTS', (None,))]
 

@@ -8,10 +8,11 @@
     summarization  seq2seq Transformer on a document/summary table, ROUGE  (summarization.py)
     distill      a small translation student from a teacher run (word/sequence KD)
                  (distill.py)
+    distill_classifier  a small text classifier from a fine-tuned one (distill.py)
     qa           BERT/MiniLM extractive QA on SQuAD v1.1 JSON, EM/F1       (qa.py)
 
-Every task module imports only `flaxformer_mini.tasks.base`; this file imports them and
-lists them by name. Your own task, in your own file::
+Every task module imports only `flaxformer_mini.tasks.base` (distill.py also the tasks it
+distills); this file imports them and lists them by name. Your own task, in your own file::
 
     from flaxformer_mini import tasks
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from flaxformer_mini.tasks.base import Batch, PyTree, Task, TaskFactory
 from flaxformer_mini.tasks.classification import ClassificationTask
-from flaxformer_mini.tasks.distill import DistillationTask
+from flaxformer_mini.tasks.distill import ClassifierDistillationTask, DistillationTask
 from flaxformer_mini.tasks.lm import LMTask
 from flaxformer_mini.tasks.qa import QATask
 from flaxformer_mini.tasks.summarization import SummarizationTask
@@ -39,6 +40,7 @@ BUILTIN_TASKS: dict[str, TaskFactory] = {
     'classification': ClassificationTask,
     'summarization': SummarizationTask,
     'distill': DistillationTask,
+    'distill_classifier': ClassifierDistillationTask,
     'qa': QATask,
 }
 _REGISTRY: dict[str, TaskFactory] = dict(BUILTIN_TASKS)

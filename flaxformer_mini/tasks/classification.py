@@ -47,6 +47,7 @@ LABELS_FILE = 'labels.json'
 MODEL_FILE = 'model.json'
 POOLING = ('cls', 'mean')
 log = logging.getLogger(__name__)
+CLASSIFIER_TASKS = ('classification', 'distill_classifier')  # runs a Classifier loads
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -245,7 +246,8 @@ class Classifier:
                batch_size: int = 64, bucket: int = 16):
     if len(labels) != cfg.num_labels:
       raise ValueError(f'{len(labels)} labels for a model with {cfg.num_labels} classes')
-    self.cfg, self.labels, self.tokenizer = cfg, list(labels), tokenizer
+    self.cfg, self.pooling = cfg, pooling
+    self.labels, self.tokenizer = list(labels), tokenizer
     self.max_len, self.batch_size, self.bucket = max_len, batch_size, bucket
     device = jax.local_devices()[0]
     self.params = jax.device_put(params, device)
@@ -257,7 +259,7 @@ class Classifier:
   def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> Classifier:
     """Loads a ``classification`` run (newest readable checkpoint, or ``step``)."""
     config, params, assets = checkpoints.load_run(workdir, step)
-    if config.task != 'classification':
+    if config.task not in CLASSIFIER_TASKS:
       raise ValueError(f'{workdir} is a {config.task!r} run, not a classification run')
     for name in (LABELS_FILE, MODEL_FILE, wordpiece.TOKENIZER_FILE):
       if name not in assets:

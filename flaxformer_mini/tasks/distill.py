@@ -1,4 +1,5 @@
-"""The ``distill`` task: a small translation student learns from a trained teacher run.
+"""The ``distill`` task: a small translation student learns from a trained teacher run
+(and ``distill_classifier``, `ClassifierDistillationTask`, its encoder-only counterpart).
 
 Both kinds of Kim & Rush (2016), "Sequence-Level Knowledge Distillation":
 
@@ -42,6 +43,7 @@ from flaxformer_mini import training
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data.tokenized import file_sha256
 from flaxformer_mini.models import Transformer
+from flaxformer_mini.tasks.classification import ClassificationTask, Classifier, TextClassifier
 from flaxformer_mini.tasks.translation import TranslationTask, _data_paths, batch_logits
 from flaxformer_mini.translate import SearchConfig, Translator
 
@@ -240,3 +242,57 @@ class DistillationTask(TranslationTask):
     loss = (1.0 - k.alpha) * sums['loss'] + k.alpha * kd
     return loss, dict(sums, loss=loss, label_loss=sums['loss'], kd=kd)
 
+
+
+class ClassifierDistillationTask(ClassificationTask):
+  """A text classifier (the student, ``config.model``) trained from a fine-tuned
+  classification run, ``config.distill.teacher_workdir`` (Hinton et al. 2015): the loss is
+  ``(1 - alpha) * CE(labels) + alpha * T^2 * KL(p_teacher^T || p_student^T)`` over the classes,
+  the teacher's logits computed from its frozen params inside the jitted step. Student and
+  teacher read the same token ids (the same ``config.data.tokenizer``) and share the labels.
+  Everything else is the classification task's; the run is served and predicted as one.
+  """
+
+  name = 'distill_classifier'
+
+  def __init__(self, config, workdir: str):
+    k = config.distill
+    if not k.teacher_workdir:
+      raise ValueError('config.distill.teacher_workdir is empty: name the fine-tuned '
+                       'classification run directory (train.py --workdir of the teacher)')
+    if not 0.0 <= k.alpha <= 1.0 or not k.temperature > 0:
+      raise ValueError(f'config.distill.alpha={k.alpha} must be in [0, 1] and '
+                       f'config.distill.temperature={k.temperature} > 0')
+    teacher = Classifier.from_workdir(k.teacher_workdir, k.teacher_step or None)
+    super().__init__(config, workdir)
+    if teacher.labels != self.labels:
+      raise ValueError(f'the teacher {k.teacher_workdir!r} has labels {teacher.labels}, the '
+                       f'student\'s train data {self.labels}: distill on the same label set')
+    if file_sha256(teacher.tokenizer.path) != file_sha256(self.tokenizer.path):
+      raise ValueError(f'the teacher {k.teacher_workdir!r} reads {teacher.tokenizer.path}, the '
+                       f'student {self.tokenizer.path}: set config.data.tokenizer to the '
+                       'teacher\'s tokenizer (the two must read the same token ids)')
+    if config.data.max_len > teacher.cfg.encoder.max_len:
+      raise ValueError(f'config.data.max_len={config.data.max_len} exceeds the teacher\'s '
+                       f'position table ({teacher.cfg.encoder.max_len})')
+    self._teacher = TextClassifier(teacher.cfg, teacher.pooling)
+    self._teacher_params = teacher.params
+
+  def teacher_logits(self, batch) -> jax.Array:
+    """The frozen teacher's class logits [rows, num_labels]."""
+    return lax.stop_gradient(self._teacher.apply(
+        {'params': self._teacher_params}, batch['input_ids'], batch['attention_mask'],
+        deterministic=True))
+
+  def loss_and_metrics(self, params, batch, rng, deterministic):
+    k = self.config.distill
+    logits = self.model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
+                              deterministic=deterministic, rngs={'dropout': rng})
+    sums = training.cross_entropy_sums(logits, batch['label'], batch['weight'],
+                                       self.config.loss.label_smoothing)
+    if k.alpha == 0.0:
+      return sums['loss'], sums
+    kd = kl_divergence_sums(logits, self.teacher_logits(batch), batch['weight'],
+                            k.temperature) * k.temperature ** 2
+    loss = (1.0 - k.alpha) * sums['loss'] + k.alpha * kd
+    return loss, dict(sums, loss=loss, label_loss=sums['loss'], kd=kd)
