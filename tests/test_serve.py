@@ -397,8 +397,9 @@ def test_runs_of_other_tasks_are_refused(tmp_path, capsys):
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump({'task': 'lm'}, f)
   assert serve.main([f'--workdir={tmp_path}']) == 2
-  assert "is a 'lm' run; the server serves ['classification', 'distill', 'qa', " \
-         "'summarization', 'translation'] runs" in capsys.readouterr().err
+  assert "is a 'lm' run; the server serves ['classification', 'distill', " \
+         "'distill_classifier', 'qa', 'summarization', 'translation'] runs" \
+         in capsys.readouterr().err
   assert serve.main([f'--workdir={tmp_path}/nothing']) == 2
   assert 'run directory not found' in capsys.readouterr().err
 
