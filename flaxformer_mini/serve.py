@@ -293,6 +293,11 @@ def _buckets(limit: int, start: int) -> list[int]:
   return out + [limit]
 
 
+def _trimmed_lengths(bucket: int, max_len: int) -> list[int]:
+  """Every row length a batch trimmed to a multiple of ``bucket`` (at most ``max_len``) has."""
+  return list(range(bucket, max_len, bucket)) + [max_len] if bucket > 0 else [max_len]
+
+
 class Seq2SeqService:
   """Translation or summarization: texts -> texts through `Translator.translate_encoded`.
 
@@ -469,8 +474,7 @@ class ClassificationService:
   def warm_up(self, searches=()) -> int:
     """Runs every length bucket once (the row count is fixed)."""
     c = self.classifier
-    lengths = (list(range(c.bucket, c.max_len, c.bucket)) + [c.max_len] if c.bucket > 0
-               else [c.max_len])
+    lengths = _trimmed_lengths(c.bucket, c.max_len)
     for n in lengths:
       mask = np.zeros((1, c.max_len), np.int32)
       mask[:, :n] = 1
@@ -548,8 +552,8 @@ class QAService:
   def warm_up(self, searches=()) -> int:
     """Runs every window length bucket once (the row count is fixed)."""
     a = self.answerer
-    l, bucket = a.windows.max_seq_len, a.bucket
-    lengths = list(range(bucket, l, bucket)) + [l] if bucket > 0 else [l]
+    l = a.windows.max_seq_len
+    lengths = _trimmed_lengths(a.bucket, l)
     for n in lengths:
       mask = np.zeros((1, l), np.int32)
       mask[:, :n] = 1

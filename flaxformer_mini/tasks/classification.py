@@ -454,11 +454,15 @@ class ClassificationTask:
       params = {**params, 'bert': bert.pretrained_encoder(self.init_dir, params['bert'])}
     return params
 
-  def loss_and_metrics(self, params, batch, rng, deterministic):
+  def logits_and_sums(self, params, batch, rng, deterministic):
+    """(class logits [rows, num_labels], the label cross-entropy sums) of a batch."""
     logits = self.model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                               deterministic=deterministic, rngs={'dropout': rng})
-    sums = training.cross_entropy_sums(logits, batch['label'], batch['weight'],
-                                       self.config.loss.label_smoothing)
+    return logits, training.cross_entropy_sums(logits, batch['label'], batch['weight'],
+                                               self.config.loss.label_smoothing)
+
+  def loss_and_metrics(self, params, batch, rng, deterministic):
+    _, sums = self.logits_and_sums(params, batch, rng, deterministic)
     return sums['loss'], sums
 
   # -- evaluation ----------------------------------------------------------------------

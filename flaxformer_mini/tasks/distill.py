@@ -75,6 +75,25 @@ def kl_divergence_sums(student_logits: jax.Array, teacher_logits: jax.Array,
   return jnp.sum(kl * weights.astype(jnp.float32))
 
 
+def check_distill_config(k, teacher_kind: str) -> None:
+  """The ``config.distill`` fields both distillation tasks read: teacher, alpha, temperature."""
+  if not k.teacher_workdir:
+    raise ValueError(f'config.distill.teacher_workdir is empty: name the trained {teacher_kind} '
+                     'run directory (train.py --workdir of the teacher)')
+  if not 0.0 <= k.alpha <= 1.0 or not k.temperature > 0:
+    raise ValueError(f'config.distill.alpha={k.alpha} must be in [0, 1] and '
+                     f'config.distill.temperature={k.temperature} > 0')
+
+
+def mix_with_teacher(sums: dict, student_logits: jax.Array, teacher_logits: jax.Array,
+                     weights: jax.Array, k) -> tuple[jax.Array, dict]:
+  """(loss, metrics) of ``(1 - alpha) * sums['loss'] + alpha * T^2 * KL`` (Hinton et al.)."""
+  kd = kl_divergence_sums(student_logits, teacher_logits, weights,
+                          k.temperature) * k.temperature ** 2
+  loss = (1.0 - k.alpha) * sums['loss'] + k.alpha * kd
+  return loss, dict(sums, loss=loss, label_loss=sums['loss'], kd=kd)
+
+
 def _teacher_key(teacher_dir: str, meta: dict, search: SearchConfig, split: str,
                  max_decode_len: int, train_paths: dict) -> str:
   facts = {'teacher': os.path.abspath(teacher_dir), 'step': meta.get('step'),
@@ -156,12 +175,7 @@ class DistillationTask(TranslationTask):
     k = config.distill
     if k.kind not in KINDS:
       raise ValueError(f'config.distill.kind={k.kind!r} is not one of {KINDS}')
-    if not k.teacher_workdir:
-      raise ValueError('config.distill.teacher_workdir is empty: name the trained teacher '
-                       'run directory (train.py --workdir of the teacher)')
-    if not 0.0 <= k.alpha <= 1.0 or not k.temperature > 0:
-      raise ValueError(f'config.distill.alpha={k.alpha} must be in [0, 1] and '
-                       f'config.distill.temperature={k.temperature} > 0')
+    check_distill_config(k, 'translation')
     t_config, t_params, assets, self.teacher_meta = checkpoints.load_run(
         k.teacher_workdir, k.teacher_step or None, with_meta=True)
     spm_name = data_lib.tokenizer.MODEL_FILENAME
@@ -237,10 +251,7 @@ class DistillationTask(TranslationTask):
                                        self.config.loss.label_smoothing)
     if k.kind not in ('word', 'both') or k.alpha == 0.0:
       return sums['loss'], sums
-    kd = kl_divergence_sums(logits, self.teacher_logits(batch), weights, k.temperature)
-    kd = kd * k.temperature ** 2
-    loss = (1.0 - k.alpha) * sums['loss'] + k.alpha * kd
-    return loss, dict(sums, loss=loss, label_loss=sums['loss'], kd=kd)
+    return mix_with_teacher(sums, logits, self.teacher_logits(batch), weights, k)
 
 
 
@@ -257,12 +268,7 @@ class ClassifierDistillationTask(ClassificationTask):
 
   def __init__(self, config, workdir: str):
     k = config.distill
-    if not k.teacher_workdir:
-      raise ValueError('config.distill.teacher_workdir is empty: name the fine-tuned '
-                       'classification run directory (train.py --workdir of the teacher)')
-    if not 0.0 <= k.alpha <= 1.0 or not k.temperature > 0:
-      raise ValueError(f'config.distill.alpha={k.alpha} must be in [0, 1] and '
-                       f'config.distill.temperature={k.temperature} > 0')
+    check_distill_config(k, 'classification')
     teacher = Classifier.from_workdir(k.teacher_workdir, k.teacher_step or None)
     super().__init__(config, workdir)
     if teacher.labels != self.labels:
@@ -286,13 +292,7 @@ class ClassifierDistillationTask(ClassificationTask):
 
   def loss_and_metrics(self, params, batch, rng, deterministic):
     k = self.config.distill
-    logits = self.model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
-                              deterministic=deterministic, rngs={'dropout': rng})
-    sums = training.cross_entropy_sums(logits, batch['label'], batch['weight'],
-                                       self.config.loss.label_smoothing)
+    logits, sums = self.logits_and_sums(params, batch, rng, deterministic)
     if k.alpha == 0.0:
       return sums['loss'], sums
-    kd = kl_divergence_sums(logits, self.teacher_logits(batch), batch['weight'],
-                            k.temperature) * k.temperature ** 2
-    loss = (1.0 - k.alpha) * sums['loss'] + k.alpha * kd
-    return loss, dict(sums, loss=loss, label_loss=sums['loss'], kd=kd)
+    return mix_with_teacher(sums, logits, self.teacher_logits(batch), batch['weight'], k)
