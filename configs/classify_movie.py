@@ -70,7 +70,7 @@ def classification_config(dataset: str, variant: str = '') -> ml_collections.Con
   o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
   o.weight_decay = 0.01
   o.layer_decay = 1.0                 # e.g. 0.9: layer i of MiniLM's 6 at lr x 0.9^(6-i), the
-                                      # embeddings 0.9^7 (ELECTRA/BEiT); off until measured
+                                      # embeddings 0.9^7 (ELECTRA/BEiT); 1.0 = off
   c.loss.label_smoothing = 0.0
   if variant == 'scratch':
     c.model.init_from = ''
