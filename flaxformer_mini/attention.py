@@ -423,7 +423,8 @@ class MultiHeadAttention(nn.Module):
     shape = query.shape[:2]
     if positions is None:
       if decode and self.has_variable("cache", "cache_index"):
-        positions = jnp.broadcast_to(self.get_variable("cache", "cache_index"), shape)
+        index = self.get_variable("cache", "cache_index")
+        positions = jnp.broadcast_to(index[:, None] if index.ndim else index, shape)
       else:
         positions = jnp.broadcast_to(jnp.arange(shape[1]), shape)
     return (positions_lib.apply_rotary(query, positions, self.rotary_base),
@@ -461,7 +462,8 @@ class MultiHeadAttention(nn.Module):
     [batch, max_len, kv_heads, head_dim] on the call that creates the cache.
     The cache is stored as [batch, kv_heads, max_len, head_dim], the layout
     the attention matmuls read, so a decode step moves no cache data besides
-    the one-token write (the swapaxes below cancel inside XLA).
+    the one-token write (the swapaxes below cancel inside XLA). ``cache_index`` is
+    a scalar, or [batch] when rows decode at different steps (`models.rows_cache`).
     """
     initialized = self.has_variable("cache", "cached_key")
     to_cache = lambda x: jnp.swapaxes(x, 1, 2)
@@ -476,11 +478,18 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"decode step expects one token per call: key {(b, 1, kv_heads, head_dim)}, "
                        f"got {key.shape}")
     i = cache_index.value
-    cached_key.value = jax.lax.dynamic_update_slice(
-        cached_key.value, to_cache(key).astype(cached_key.value.dtype), (0, 0, i, 0))
-    cached_value.value = jax.lax.dynamic_update_slice(
-        cached_value.value, to_cache(value).astype(cached_value.value.dtype), (0, 0, i, 0))
+    if i.ndim:  # one index per row (step-level batching: rows start at different steps)
+      write = jax.vmap(lambda c, x, j: jax.lax.dynamic_update_slice(c, x, (0, j, 0)))
+      cached_key.value = write(cached_key.value, to_cache(key).astype(cached_key.value.dtype), i)
+      cached_value.value = write(cached_value.value,
+                                 to_cache(value).astype(cached_value.value.dtype), i)
+      step_mask = (jnp.arange(max_len)[None, :] <= i[:, None])[:, None, None, :]
+    else:
+      cached_key.value = jax.lax.dynamic_update_slice(
+          cached_key.value, to_cache(key).astype(cached_key.value.dtype), (0, 0, i, 0))
+      cached_value.value = jax.lax.dynamic_update_slice(
+          cached_value.value, to_cache(value).astype(cached_value.value.dtype), (0, 0, i, 0))
+      step_mask = (jnp.arange(max_len) <= i)[None, None, None, :]
     cache_index.value = i + 1
-    step_mask = (jnp.arange(max_len) <= i)[None, None, None, :]
     return (jnp.swapaxes(cached_key.value, 1, 2), jnp.swapaxes(cached_value.value, 1, 2),
             combine_masks(step_mask, mask))

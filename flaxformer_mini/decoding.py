@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -465,6 +465,173 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
   state = lax.while_loop(cond, body, state)
   fin_seqs, fin_scores = state[5], state[6]
   return fin_seqs[:, :num_return], fin_scores[:, :num_return]
+
+
+# ---------------------------------------------------------------------------
+# Step-level (continuous) beam search: rows join and leave between steps.
+# ---------------------------------------------------------------------------
+
+
+class BeamRows(NamedTuple):
+  """A beam search over a fixed pool of rows, each at its own step (`beam_rows_*`).
+
+  A server keeps one: a finished row leaves at once and a new sentence takes its place
+  between two steps, so the pool never waits for its longest sentence (Orca-style
+  iteration-level batching). The cache's step indices must be per row ([rows * beam],
+  e.g. `models.rows_cache`), so each row writes and masks its own positions.
+
+  Attributes (``rows`` slots, ``beam`` beams each):
+    t: [rows] int32, steps taken by each row.
+    ids: [rows, beam] int32, each live beam's last token.
+    cache: the callback's cache, per-beam leaves [rows * beam, ...], static ones [rows, ...].
+    live_seqs, fin_seqs: [rows, beam, max_decode_len] int32.
+    live_logprobs, fin_scores: [rows, beam] float32.
+    fin_flags: [rows, beam] bool.
+    active: [rows] bool, a row still searching (an idle slot is inactive).
+  """
+  t: Array
+  ids: Array
+  cache: PyTree
+  live_seqs: Array
+  live_logprobs: Array
+  fin_seqs: Array
+  fin_scores: Array
+  fin_flags: Array
+  active: Array
+
+
+def beam_rows_init(cache: PyTree, *, rows: int, beam_size: int, max_decode_len: int,
+                   pad_id: int = 0, static_cache_keys: tuple[str, ...] = ()) -> BeamRows:
+  """An idle pool of ``rows`` slots (all inactive) for a cache of ``rows`` rows."""
+  _check_positive_int("rows", rows)
+  _check_positive_int("beam_size", beam_size)
+  _check_positive_int("max_decode_len", max_decode_len)
+  _check_cache(cache, rows)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+    if jnp.ndim(leaf) == 0:
+      raise ValueError(f"cache leaf {jax.tree_util.keystr(path)} is a scalar; step-level "
+                       "batching needs one value per row (e.g. models.rows_cache)")
+  k = beam_size
+  flat = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.repeat(x, k, axis=0) if _is_per_beam(path, x, static_cache_keys)
+      else x, cache)
+  seqs = jnp.full((rows, k, max_decode_len), pad_id, jnp.int32)
+  return BeamRows(t=jnp.zeros((rows,), jnp.int32), ids=jnp.full((rows, k), pad_id, jnp.int32),
+                  cache=flat, live_seqs=seqs, live_logprobs=jnp.full((rows, k), NEG_INF),
+                  fin_seqs=seqs, fin_scores=jnp.full((rows, k), NEG_INF),
+                  fin_flags=jnp.zeros((rows, k), bool), active=jnp.zeros((rows,), bool))
+
+
+def beam_rows_start(state: BeamRows, slots: Array, cache: PyTree, *, bos_id: int,
+                    pad_id: int = 0, static_cache_keys: tuple[str, ...] = ()) -> BeamRows:
+  """Starts new sentences in ``slots`` of the pool.
+
+  Args:
+    state: the pool.
+    slots: [n] int32 slot per new row; a slot >= the pool's rows is ignored (padding
+      up to a compiled ``n``).
+    cache: the new rows' initial cache, leaves [n, ...] shaped like the pool's
+      (per-row step indices at 0).
+  Returns:
+    the pool with those slots reset to step 0 and active.
+  """
+  k = state.ids.shape[1]
+  beam_rows = (slots[:, None] * k + jnp.arange(k)).reshape(-1)  # the slots' flat beam rows
+
+  def put(path, pool, new):
+    if _is_per_beam(path, pool, static_cache_keys):
+      return pool.at[beam_rows].set(jnp.repeat(new, k, axis=0).astype(pool.dtype), mode="drop")
+    return pool.at[slots].set(new.astype(pool.dtype), mode="drop")
+
+  n = slots.shape[0]
+  set_rows = lambda x, value: x.at[slots].set(jnp.broadcast_to(value, (n,) + x.shape[1:]),
+                                              mode="drop")
+  only_first_beam = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)
+  return BeamRows(
+      t=set_rows(state.t, 0), ids=set_rows(state.ids, bos_id),
+      cache=jax.tree_util.tree_map_with_path(put, state.cache, cache),
+      live_seqs=set_rows(state.live_seqs, pad_id),
+      live_logprobs=set_rows(state.live_logprobs, only_first_beam),
+      fin_seqs=set_rows(state.fin_seqs, pad_id), fin_scores=set_rows(state.fin_scores, NEG_INF),
+      fin_flags=set_rows(state.fin_flags, False), active=set_rows(state.active, True))
+
+
+def _rows_stopped(t, live_logprobs, fin_scores, fin_flags, max_len: int, alpha: float):
+  """[rows] bool: `beam_search`'s stopping rule, per row after its ``t`` [rows] steps."""
+  best_penalty = jnp.maximum(length_penalty(t + 1, alpha), length_penalty(max_len, alpha))
+  best_live = jnp.minimum(jnp.max(live_logprobs, axis=1), 0.0)
+  worst_finished = jnp.min(fin_scores, axis=1)
+  return ((jnp.all(fin_flags, axis=1) & (worst_finished > best_live / best_penalty))
+          | (best_live == NEG_INF) | (t >= max_len))
+
+
+def beam_rows_advance(tokens_to_logits: TokensToLogits, state: BeamRows, max_steps, *,
+                      max_decode_len: int, eos_id: int, bos_id: int, pad_id: int = 0,
+                      alpha: float = 0.6, static_cache_keys: tuple[str, ...] = (),
+                      allow_bos: bool = False) -> tuple[BeamRows, Array]:
+  """Runs every active row up to ``max_steps`` steps; returns as soon as one finishes.
+
+  Each row follows `beam_search` exactly (same candidates, finished pool, length
+  penalty and stopping rule, without prompts), so a sentence gets the hypothesis it
+  would get alone. Idle and finished rows are computed but keep their state.
+
+  Args:
+    tokens_to_logits: as in `beam_search` (flat ``[rows * beam, 1]`` ids).
+    state: the pool (`beam_rows_init` / `beam_rows_start`).
+    max_steps: int32 scalar >= 1, may be traced (one compiled loop for any value).
+  Returns:
+    (state, finished [rows] bool: the rows that finished in this call). A finished
+    row's answer is ``state.fin_seqs[row, 0]`` (score ``state.fin_scores[row, 0]``)
+    until the slot is started again.
+  """
+  rows, k = state.ids.shape
+  max_len = max_decode_len
+  banned = _banned_ids(pad_id, bos_id, eos_id, allow_bos)
+  at_step = lambda t: jnp.arange(max_len) == t[:, None, None]  # [rows, 1, max_len]
+
+  def step(s: BeamRows) -> BeamRows:
+    logits, cache = tokens_to_logits(s.ids.reshape(rows * k, 1), s.cache)
+    _check_logits(logits, rows * k)
+    vocab = logits.shape[-1]
+    logprobs = _ban(jax.nn.log_softmax(logits.astype(jnp.float32)), banned)
+    extended = (s.live_logprobs[:, :, None] + logprobs.reshape(rows, k, vocab))
+    cand_logprobs, cand_index = lax.top_k(extended.reshape(rows, k * vocab),
+                                          min(2 * k, k * vocab))
+    cand_parent, cand_token = cand_index // vocab, cand_index % vocab
+    cand_seqs = jnp.where(at_step(s.t), cand_token[:, :, None],
+                          _gather_beams(s.live_seqs, cand_parent))
+    cand_eos = cand_token == eos_id
+    finishing = ((cand_eos | (s.t == max_len - 1)[:, None]) & (cand_logprobs > NEG_INF))
+    cand_scores = jnp.where(
+        finishing, cand_logprobs / length_penalty(s.t + 1, alpha)[:, None], NEG_INF)
+    fin_scores, keep = lax.top_k(jnp.concatenate([s.fin_scores, cand_scores], 1), k)
+    fin_seqs = _gather_beams(jnp.concatenate([s.fin_seqs, cand_seqs], 1), keep)
+    fin_flags = _gather_beams(jnp.concatenate([s.fin_flags, finishing], 1), keep)
+    live_logprobs, keep = lax.top_k(jnp.where(cand_eos, NEG_INF, cand_logprobs), k)
+    cache = _gather_flat_cache(cache, _gather_beams(cand_parent, keep), static_cache_keys)
+    new = BeamRows(s.t + 1, _gather_beams(cand_token, keep), cache,
+                   _gather_beams(cand_seqs, keep), live_logprobs, fin_seqs, fin_scores,
+                   fin_flags, s.active)
+    # Rows that were not searching keep their state (their cache is scratch).
+    kept = jax.tree_util.tree_map(
+        lambda n, o: jnp.where(s.active.reshape((rows,) + (1,) * (n.ndim - 1)), n, o),
+        new._replace(cache=None), s._replace(cache=None))
+    stopped = _rows_stopped(kept.t, kept.live_logprobs, kept.fin_scores, kept.fin_flags,
+                            max_len, alpha)
+    return kept._replace(cache=cache, active=s.active & ~stopped)
+
+  def cond(carry):
+    n, s, finished = carry
+    return (n < max_steps) & jnp.any(s.active) & ~jnp.any(finished)
+
+  def body(carry):
+    n, s, finished = carry
+    new = step(s)
+    return n + 1, new, finished | (s.active & ~new.active)
+
+  _, state, finished = lax.while_loop(
+      cond, body, (jnp.array(0, jnp.int32), state, jnp.zeros((rows,), bool)))
+  return state, finished
 
 
 # ---------------------------------------------------------------------------

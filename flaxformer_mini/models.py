@@ -119,15 +119,18 @@ def _run_layers(layer_cls: type, cfg: TransformerConfig, num_layers: int, x: Arr
                   split_rngs={"params": True, "dropout": True},
                   in_axes=(nn.broadcast,) * len(args), length=num_layers)
   if decode:
-    def to_scan(variables):  # [batch, L, ...] -> [L, batch, ...]; scalar -> [L]
-      return jax.tree_util.tree_map(
-          lambda v: jnp.moveaxis(v, 1, 0) if v.ndim else jnp.broadcast_to(v, (num_layers,)),
-          variables)
+    is_index = lambda path: getattr(path[-1], "key", None) == "cache_index"
 
-    # All layers step together, so their cache_index values are equal: keep one.
-    def from_scan(variables):  # [L, batch, ...] -> [batch, L, ...]; [L] -> scalar
-      return jax.tree_util.tree_map(
-          lambda v: jnp.moveaxis(v, 0, 1) if v.ndim > 1 else v[0], variables)
+    def to_scan(variables):  # [batch, L, ...] -> [L, batch, ...]; index -> [L, ...]
+      return jax.tree_util.tree_map_with_path(
+          lambda p, v: (jnp.broadcast_to(v, (num_layers,) + v.shape) if is_index(p)
+                        else jnp.moveaxis(v, 1, 0)), variables)
+
+    # All layers step together, so their cache_index values are equal: keep one
+    # (a scalar, or [batch] when rows decode at different steps).
+    def from_scan(variables):  # [L, batch, ...] -> [batch, L, ...]; index [L, ...] -> [...]
+      return jax.tree_util.tree_map_with_path(
+          lambda p, v: v[0] if is_index(p) else jnp.moveaxis(v, 0, 1), variables)
 
     stack = nn.map_variables(stack, "cache", to_scan, from_scan, mutable=True)
   x, _ = stack(cls(cfg, **layer_kwargs, name=SCANNED_LAYERS), x, *args)
@@ -217,6 +220,8 @@ class Decoder(nn.Module):
       index_var = self.variable("cache", "decode_index", lambda: jnp.array(0, jnp.int32))
       index = index_var.value
       index_var.value = index + 1
+      if index.ndim:  # one step per row; a row past max_len is a finished one, kept in range
+        index = jnp.minimum(index, cfg.max_len - 1)[:, None]
       positions = jnp.broadcast_to(index, decoder_inputs.shape)
       self_mask = None  # the attention caches mask keys beyond the current step
       cross_mask = None
@@ -460,16 +465,46 @@ def seq2seq_decoding_fns(model: Transformer, params, inputs: Array,
   _, state = model.apply(variables, encoded, inputs, dummy, decode=True, mutable=["cache"],
                          method=Transformer.decode)
   state = {"cache": _grow_self_attention_cache(state["cache"], max_decode_len)}
+  # The barrier materialises the cache as built. Without it XLA sinks the cross-attention
+  # K/V transpose ([batch, src_len, heads, head_dim] -> [batch, heads, src_len, head_dim])
+  # into the decode loop and redoes it at every step (2 copies per layer per step).
+  return seq2seq_step_fn(model, params), jax.lax.optimization_barrier(state["cache"])
 
+
+def seq2seq_step_fn(model: Transformer, params) -> TokensToLogits:
+  """The ``tokens_to_logits(ids [batch, 1], cache) -> (logits [batch, vocab], cache)``
+  of `seq2seq_decoding_fns`, for a cache built elsewhere (e.g. `rows_cache`)."""
   def tokens_to_logits(ids: Array, cache: dict):
     logits, new_state = model.apply({"params": params, "cache": cache}, None, None, ids,
                                     decode=True, mutable=["cache"], method=Transformer.decode)
     return logits[:, -1], new_state["cache"]
+  return tokens_to_logits
 
-  # The barrier materialises the cache as built. Without it XLA sinks the cross-attention
-  # K/V transpose ([batch, src_len, heads, head_dim] -> [batch, heads, src_len, head_dim])
-  # into the decode loop and redoes it at every step (2 copies per layer per step).
-  return tokens_to_logits, jax.lax.optimization_barrier(state["cache"])
+
+def rows_cache(cache: dict, src_len: int) -> dict:
+  """A `seq2seq_decoding_fns` cache made ready for step-level batching
+  (`decoding.beam_rows_start`): the scalar step indices become [batch] zeros, one per
+  row, and the encoder entries are padded to ``src_len`` source positions (masked).
+
+  ``cross_key``/``cross_value`` [batch, (num_layers,) kv_heads, src, head_dim] and
+  ``encoder_valid`` [batch, src] grow along their source axis; ``src_len`` >= src.
+  """
+  batch = jax.tree_util.tree_leaves(cache["decoder"]["encoder_valid"])[0].shape[0]
+
+  def fix(path, x):
+    key = getattr(path[-1], "key", None)
+    if key in ("cache_index", "decode_index"):
+      return jnp.zeros((batch,), jnp.int32)
+    axis = {"cross_key": -2, "cross_value": -2, "encoder_valid": -1}.get(key)
+    if axis is None:
+      return x
+    if x.shape[axis] > src_len:
+      raise ValueError(f"{key} has {x.shape[axis]} source positions, more than "
+                       f"src_len={src_len}")
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, src_len - x.shape[axis])
+    return jnp.pad(x, pad)
+  return jax.tree_util.tree_map_with_path(fix, cache)
 
 
 def lm_decoding_fns(model: DecoderOnlyLM, params, batch_size: int,
