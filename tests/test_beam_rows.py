@@ -122,5 +122,5 @@ def test_pool_checks_its_cache():
   with pytest.raises(ValueError, match='decode_index.*scalar.*rows_cache'):
     decoding.beam_rows_init(cache, rows=2, beam_size=2, max_decode_len=MAX_DECODE,
                             static_cache_keys=STATIC_CACHE_KEYS)
-  with pytest.raises(ValueError, match='cross_key has 8 source positions, more than src_len=4'):
+  with pytest.raises(ValueError, match='has 8 source positions, more than src_len=4'):
     rows_cache(cache, 4)
