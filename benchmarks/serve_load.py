@@ -66,8 +66,8 @@ def start_server(args, log_path: str) -> tuple[subprocess.Popen, str]:
   warmup = 'greedy' if args.beam_size == 1 else 'default'
   cmd = [sys.executable, '-m', 'flaxformer_mini.serve', f'--workdir={args.workdir}',
          '--port=0', f'--max_batch={args.max_batch}', f'--max_wait_ms={args.max_wait_ms}',
-         f'--wait_fraction={args.wait_fraction}',
-         f'--warmup={warmup}']
+         f'--wait_fraction={args.wait_fraction}', f'--batching={args.batching}',
+         f'--chunk_steps={args.chunk_steps}', f'--warmup={warmup}']
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
   deadline = time.time() + args.start_timeout
@@ -176,6 +176,9 @@ def main(argv=None):
   p.add_argument('--max_batch', type=int, default=32, help='server --max_batch, ceiling batch')
   p.add_argument('--max_wait_ms', type=float, default=10.0, help='server --max_wait_ms')
   p.add_argument('--wait_fraction', type=float, default=0.05, help='server --wait_fraction')
+  p.add_argument('--batching', choices=('step', 'request'), default='step',
+                 help='server --batching')
+  p.add_argument('--chunk_steps', type=int, default=4, help='server --chunk_steps')
   p.add_argument('--timeout', type=float, default=120.0, help='seconds before a request drops')
   p.add_argument('--start_timeout', type=float, default=1200.0, help='server start-up limit')
   p.add_argument('--ceiling_rounds', type=int, default=3)
@@ -219,7 +222,9 @@ def main(argv=None):
               'seconds': args.seconds, 'ramp_s': args.ramp, 'request': body,
               'max_len': model['max_len'], 'max_batch': model['max_batch'],
               'max_wait_ms': model['max_wait_ms'],
-              'wait_fraction': model.get('wait_fraction'), 'sentences_file': args.sentences,
+              'wait_fraction': model.get('wait_fraction'),
+              'batching': model.get('batching', 'request'), 'chunk_steps': args.chunk_steps,
+              'sentences_file': args.sentences,
               'sentences': len(sentences), 'sentences_skipped_too_long':
               len(read) - len(sentences), 'timeout_s': args.timeout}
     common.print_header('serve_load', info, config)
@@ -237,6 +242,9 @@ def main(argv=None):
   served = served_stats(records, args)
   batches = after['batches_run'] - before['batches_run']
   served['mean_batch'] = (after['texts_run'] - before['texts_run']) / max(1, batches)
+  steps = after.get('steps_run', 0) - before.get('steps_run', 0)
+  if steps:  # step-level batching: sentences in the pool per decoding call
+    served['mean_busy_rows'] = (after['rows_stepped'] - before['rows_stepped']) / steps
 
   used = sorted({r['i'] for r in records})
   print(f'ceiling: Translator.translate over the {len(used)} sentences sent ...', flush=True)
@@ -250,7 +258,9 @@ def main(argv=None):
         f"sentences/s; latency p50 {ms(served['latency_p50_s'])}, p95 "
         f"{ms(served['latency_p95_s'])}, p99 {ms(served['latency_p99_s'])} "
         f"({served['measured_requests']} requests measured, {served['requests']} sent; "
-        f"{served['mean_batch']:.1f} sentences per batch)")
+        + (f"{served['mean_busy_rows']:.1f} of {model['max_batch']} slots busy per step)"
+           if 'mean_busy_rows' in served else
+           f"{served['mean_batch']:.1f} sentences per batch)"))
   print(f"failures: {served['errors']} errors {served['errors_by_status']}, "
         f"{served['dropped']} dropped, {served['mismatches']} answers differing from "
         'Translator')

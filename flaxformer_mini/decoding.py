@@ -515,10 +515,10 @@ def beam_rows_init(cache: PyTree, *, rows: int, beam_size: int, max_decode_len: 
   flat = jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.repeat(x, k, axis=0) if _is_per_beam(path, x, static_cache_keys)
       else x, cache)
-  seqs = jnp.full((rows, k, max_decode_len), pad_id, jnp.int32)
+  seqs = lambda: jnp.full((rows, k, max_decode_len), pad_id, jnp.int32)  # distinct buffers
   return BeamRows(t=jnp.zeros((rows,), jnp.int32), ids=jnp.full((rows, k), pad_id, jnp.int32),
-                  cache=flat, live_seqs=seqs, live_logprobs=jnp.full((rows, k), NEG_INF),
-                  fin_seqs=seqs, fin_scores=jnp.full((rows, k), NEG_INF),
+                  cache=flat, live_seqs=seqs(), live_logprobs=jnp.full((rows, k), NEG_INF),
+                  fin_seqs=seqs(), fin_scores=jnp.full((rows, k), NEG_INF),
                   fin_flags=jnp.zeros((rows, k), bool), active=jnp.zeros((rows,), bool))
 
 

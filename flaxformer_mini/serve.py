@@ -23,11 +23,19 @@ its config.eval search); ``beam_size: 1`` is greedy. ``GET /healthz`` and ``GET 
 adds a service class, a loader in `SERVICES` and its path in `ENDPOINTS`. Needs the ``serve``
 extra: ``pip install -e '.[serve]'``.
 
-Dynamic batching (`DynamicBatcher`): each request is validated and tokenized on arrival (a
-bad one gets a 4xx of its own and never joins a batch), then queued. One worker thread takes
-the oldest request and every queued request with the same options, up to ``--max_batch``
-texts or until the wait has passed since the oldest arrived or the previous batch ended
-(whichever is later: the clients just answered can join), and runs them together. The wait is
+Step-level batching (`StepBatcher`, ``--batching=step``, the default) for beam search: each
+request is validated and tokenized on arrival (a bad one gets a 4xx of its own and never
+joins a batch), then queued. One worker thread runs a pool of ``--max_batch`` sentence slots
+(`translate.BeamSlots`): between decoding steps, finished sentences leave and queued ones
+take their slots, so no sentence waits for the longest one of a batch, nor for a batch to
+form. Each sentence gets the tokens `Translator.translate` gives it. Start-up compiles the
+pool's shapes for the default search (``--warmup``).
+
+Request-level batching (`DynamicBatcher`; greedy, sampling, and every search with
+``--batching=request``): the worker takes the oldest request and every queued request
+with the same options, up to ``--max_batch`` texts or until the wait has passed since the
+oldest arrived or the previous batch ended (whichever is later: the clients just answered
+can join), and runs them together. The wait is
 ``--max_wait_ms`` or ``--wait_fraction`` of the previous batch's run time, whichever is longer:
 where a batch takes seconds (a CPU) the answered clients get time to send again and fill the
 next batch, for a bounded share of latency;
@@ -72,6 +80,7 @@ from flaxformer_mini import translate
 log = logging.getLogger(__name__)
 
 DRAIN_S = 60          # how long SIGTERM waits for in-flight requests
+MAX_POOLS = 4         # step-level pools kept (each holds max_batch sentences' decoder caches)
 MAX_BEAM = 16
 MAX_SEED = 2 ** 31 - 1
 WARMUP_TEXT = 'Bom dia.'  # any text: warm-up repeats its tokens to each bucket's length
@@ -102,7 +111,7 @@ class Limits:
 # ------------------------------------------------------------------------------ batching
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a job is itself: compared by identity
 class _Job:
   key: Hashable          # what `run` gets
   group: Hashable        # jobs of one group run together
@@ -205,10 +214,13 @@ class DynamicBatcher:
 
   def _loop(self) -> None:
     while (jobs := self._next_batch()) is not None:
-      started = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-      self.abandoned += len(jobs) - len(started)
-      if not started:
-        continue
+      self._run_jobs(jobs)
+
+  def _run_jobs(self, jobs: list[_Job]) -> None:
+    """Runs ``jobs`` (one group) as one batch and answers each; skips abandoned ones."""
+    started = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+    self.abandoned += len(jobs) - len(started)
+    if started:
       items = [x for j in started for x in j.items]
       self.running = len(items)
       t0 = time.monotonic()
@@ -218,7 +230,7 @@ class DynamicBatcher:
         log.exception('a batch of %d requests failed', len(started))
         for job in started:
           job.future.set_exception(e)
-        continue
+        return
       finally:
         self.running = 0
       self.batches_run += 1
@@ -228,7 +240,117 @@ class DynamicBatcher:
       for job in started:
         job.future.set_result(results[start:start + len(job.items)])
         start += len(job.items)
-      self._free_since = time.monotonic()
+    self._free_since = time.monotonic()
+
+
+class StepBatcher(DynamicBatcher):
+  """Step-level (continuous) batching: texts join and leave a running search between steps.
+
+  Requests whose key has a pool (``pools(key)``, e.g. a `translate.BeamSlots` for beam
+  search) are fed into it text by text, oldest first, as soon as a slot is free; each text
+  is answered when its own search ends, so nobody waits for the longest text of a batch or
+  for a batch to fill. Other requests (sampling, greedy) run the `DynamicBatcher` way, once
+  the pool is idle: the queue stays first come, first served.
+
+  Args:
+    run: as in `DynamicBatcher`, for requests without a pool.
+    pools: ``pools(key)`` -> a pool for requests of that key, or None. A pool has
+      ``free`` and ``busy`` (slot counts), ``start([(tag, item), ...])`` (at most
+      ``free`` items), ``advance(max_steps) -> [(tag, result), ...]`` and ``reset()``.
+    chunk_steps: steps per `advance` while a slot is free (how soon a new text joins).
+    ``max_batch``, ``max_wait_ms``, ``wait_fraction``, ``max_queue``: as in
+      `DynamicBatcher` (the waits apply to the requests without a pool).
+  """
+
+  def __init__(self, run: Callable[[Hashable, list], list],
+               pools: Callable[[Hashable], Any], *, chunk_steps: int = 4, **kwargs):
+    if chunk_steps < 1:
+      raise ValueError(f'chunk_steps={chunk_steps} must be >= 1')
+    self.pools, self.chunk_steps = pools, int(chunk_steps)
+    self.steps_run = self.rows_stepped = 0  # pool advances, busy slots summed over them
+    super().__init__(run, **kwargs)
+
+  def _pool_of(self, job: _Job):
+    return self.pools(job.key) if job.group == job.key else None  # 'alone': never pooled
+
+  def _admit(self, pool, progress: dict) -> tuple[Any, list, list[_Job] | None]:
+    """Under the lock: (the pool, (tag, item) pairs to start in it, or jobs to run as a
+    batch instead). Takes queued jobs oldest first while they fit the pool."""
+    admitted, free = [], 0 if pool is None else pool.free
+    while self._jobs:
+      job = self._jobs[0]
+      target = self._pool_of(job)
+      busy = pool is not None and (pool.busy or admitted)
+      if target is None or (busy and target is not pool):
+        if busy:
+          return pool, admitted, None  # it waits until the pool drains
+        return pool, [], self._next_batch()
+      if target is not pool:
+        pool, free = target, target.free
+      if job.future not in progress:
+        if not job.future.set_running_or_notify_cancel():
+          self._jobs.pop(0)
+          self.abandoned += 1
+          continue
+        progress[job.future] = [[None] * len(job.items), 0, 0]  # results, next, answered
+      state = progress[job.future]
+      while state[1] < len(job.items):
+        item = job.items[state[1]]
+        if item is None:  # an empty text: nothing to decode
+          state[0][state[1]], state[2] = '', state[2] + 1
+        elif free:
+          admitted.append(((job, state[1]), item))
+          free -= 1
+        else:
+          break
+        state[1] += 1
+      if state[1] < len(job.items):
+        break
+      self._jobs.pop(0)
+      if state[2] == len(job.items):  # only empty texts, or the last ones already done
+        self._answer(job, progress)
+    return pool, admitted, None
+
+  def _answer(self, job: _Job, progress: dict) -> None:
+    results = progress.pop(job.future)[0]
+    self.items_run += len(results)
+    job.future.set_result(results)
+
+  def _loop(self) -> None:
+    pool, progress = None, {}
+    while True:
+      with self._cv:
+        while not self._jobs and not (pool and pool.busy) and not self._closed:
+          self._cv.wait()
+        if not self._jobs and not (pool and pool.busy):
+          return
+        pool, admitted, batch = self._admit(pool, progress)
+      if batch is not None:
+        self._run_jobs(batch)
+        continue
+      try:
+        pool.start(admitted)
+        self.steps_run += 1
+        self.rows_stepped += pool.busy
+        self.running = pool.busy
+        done = pool.advance(self.chunk_steps if pool.free else 1 << 30)
+      except Exception as e:  # every item was validated: a server bug, logged
+        log.exception('a step of %d running texts failed', pool.busy)
+        with self._cv:  # a request partly started fails whole, its rest leaves the queue
+          self._jobs = [j for j in self._jobs if j.future not in progress]
+        for future in progress:
+          future.set_exception(e)
+        progress.clear()
+        pool.reset()
+        continue
+      finally:
+        self.running = pool.busy
+      self.batches_run += 1
+      for (job, i), result in done:
+        state = progress[job.future]
+        state[0][i], state[2] = result, state[2] + 1
+        if state[2] == len(job.items):  # all answered, so all were taken from the queue
+          self._answer(job, progress)
 
 
 # ------------------------------------------------------------------------------ services
@@ -310,6 +432,8 @@ class Seq2SeqService:
     max_batch: the translators' ``batch_size``.
     max_lens: the ``max_len`` values served (besides the default).
     max_searches: most distinct (search, max_len) settings, each compiled once.
+    step_batching: beam searches run in `translate.BeamSlots` pools of ``max_batch``
+      slots (`StepBatcher`); the ``MAX_POOLS`` most recently used settings keep theirs.
   """
 
   request_model = DecodeRequest
@@ -318,8 +442,10 @@ class Seq2SeqService:
                translator: translate.Translator, default_search: translate.SearchConfig, *,
                max_source_len: int | None = None, max_batch: int = 32,
                max_lens: Sequence[int] = (), max_searches: int = 16,
-               limits: Limits = Limits()):
+               limits: Limits = Limits(), step_batching: bool = True):
     self.task, self.path, self.result_key = task, path, result_key
+    self.step_batching = bool(step_batching)
+    self._pools: dict = {}  # (search, max_len) -> _TextPool, least recently used first
     self.default_search, self.limits = default_search, limits
     self.max_source_len, self.max_searches = max_source_len, int(max_searches)
     self.max_batch = int(max_batch)
@@ -416,6 +542,21 @@ class Seq2SeqService:
     search, n = key
     return self.translators[n].translate_encoded(items, search)
 
+  def pools(self, key):
+    """The step-level pool for ``key`` (a beam search), or None: `StepBatcher`'s ``pools``."""
+    search, n = key
+    if not self.step_batching or search.method != 'beam':
+      return None
+    pool = self._pools.pop(key, None)
+    if pool is None:
+      idle = [k for k, p in self._pools.items() if not p.busy]
+      if len(self._pools) >= MAX_POOLS and idle:
+        del self._pools[idle[0]]  # its device memory goes with it
+      pool = _TextPool(translate.BeamSlots(self.translators[n], search, self.max_batch),
+                       self.tokenizer)
+    self._pools[key] = pool  # now the most recently used
+    return pool
+
   def warm_up(self, searches: Sequence[translate.SearchConfig]) -> int:
     """Runs every (rows, length) bucket of ``searches`` at the default max_len, through
     `run` itself: requests then take jax's fast dispatch path from the first one."""
@@ -425,6 +566,10 @@ class Seq2SeqService:
     count = 0
     for search in searches:
       self._settings.add((search, self.default_len))
+      pool = self.pools((search, self.default_len))
+      if pool is not None:
+        count += pool.slots.warm_up()
+        continue
       for length in _buckets(longest, translate.MIN_LENGTH_BUCKET):
         for rows in _buckets(self.max_batch, 1):
           self.run((search, self.default_len), [np.resize(ids, length)] * rows)
@@ -442,6 +587,31 @@ class Seq2SeqService:
             'default_search': dataclasses.asdict(self.default_search),
             'max_len': self.default_len, 'max_lens': sorted(self.translators),
             'max_source_len': self.max_source_len, 'max_searches': self.max_searches}
+
+
+class _TextPool:
+  """A `translate.BeamSlots` pool whose `advance` answers texts (`StepBatcher`'s pool)."""
+
+  def __init__(self, slots: translate.BeamSlots, tokenizer):
+    self.slots, self.tokenizer = slots, tokenizer
+
+  @property
+  def free(self) -> int:
+    return self.slots.free
+
+  @property
+  def busy(self) -> int:
+    return self.slots.busy
+
+  def start(self, items: list) -> None:
+    self.slots.start(items)
+
+  def advance(self, max_steps: int) -> list:
+    return [(tag, self.tokenizer.decode(tokens[None])[0])
+            for tag, tokens in self.slots.advance(max_steps)]
+
+  def reset(self) -> None:
+    self.slots.reset()
 
 
 class ClassificationService:
@@ -627,13 +797,13 @@ def _summarization(workdir, step, *, max_batch, limits, **options):
                                **options), step
 
 
-def _classification(workdir, step, *, max_batch, limits, **options):
+def _classification(workdir, step, *, max_batch, limits, step_batching, **options):
   from flaxformer_mini.tasks.classification import Classifier
   classifier, step = load_newest(Classifier.from_workdir, workdir, step, batch_size=max_batch)
   return ClassificationService(classifier, limits=limits), step
 
 
-def _qa(workdir, step, *, max_batch, limits, **options):
+def _qa(workdir, step, *, max_batch, limits, step_batching, **options):
   from flaxformer_mini.tasks.qa import QuestionAnswerer
   answerer, step = load_newest(QuestionAnswerer.from_workdir, workdir, step,
                                batch_size=max_batch)
@@ -652,15 +822,28 @@ ENDPOINTS = {'/v1/translate': 'translation', '/v1/summarize': 'summarization',
 
 def load_service(workdir: str, step: int | None = None, *, max_batch: int = 32,
                  max_lens: Sequence[int] = (), max_searches: int = 16,
-                 limits: Limits = Limits()):
-  """(service, checkpoint step) for the run's task; ValueError names an unserved task."""
+                 limits: Limits = Limits(), step_batching: bool = True):
+  """(service, checkpoint step) for the run's task; ValueError names an unserved task.
+  ``step_batching`` applies to translation and summarization (`Seq2SeqService`)."""
   from flaxformer_mini import checkpoints
   task = checkpoints.run_task(workdir, step)
   if task not in SERVICES:
     raise ValueError(f'{os.path.abspath(workdir)!r} is a {task!r} run; the server serves '
                      f'{sorted(SERVICES)} runs')
   return SERVICES[task](workdir, step, max_batch=max_batch, max_lens=max_lens,
-                        max_searches=max_searches, limits=limits)
+                        max_searches=max_searches, limits=limits, step_batching=step_batching)
+
+
+def make_batcher(service, *, max_wait_ms: float = 10.0, wait_fraction: float = 0.0,
+                 max_queue: int = Limits.max_queue, step_batching: bool = True,
+                 chunk_steps: int = 4) -> DynamicBatcher:
+  """A `StepBatcher` over the service's pools where it has them (and ``step_batching``),
+  else a `DynamicBatcher`."""
+  common = dict(max_batch=getattr(service, 'max_batch', 32), max_wait_ms=max_wait_ms,
+                wait_fraction=wait_fraction, max_queue=max_queue)
+  if step_batching and getattr(service, 'step_batching', False):
+    return StepBatcher(service.run, service.pools, chunk_steps=chunk_steps, **common)
+  return DynamicBatcher(service.run, **common)
 
 
 # ---------------------------------------------------------------------------------- HTTP
@@ -703,7 +886,10 @@ def create_app(service, batcher: DynamicBatcher, info: dict) -> fastapi.FastAPI:
     return {'status': 'ok', 'task': service.task, 'queued': batcher.queued,
             'running': batcher.running, 'compiled': service.compiled(),
             'batches_run': batcher.batches_run, 'texts_run': batcher.items_run,
-            'abandoned': batcher.abandoned}
+            'abandoned': batcher.abandoned,
+            # step-level batching: pool advances, and busy slots summed over them
+            'steps_run': getattr(batcher, 'steps_run', 0),
+            'rows_stepped': getattr(batcher, 'rows_stepped', 0)}
 
   @app.get('/v1/model')
   async def model():
@@ -747,6 +933,7 @@ def model_info(service, batcher: DynamicBatcher, workdir: str, step: int) -> dic
   """What GET /v1/model answers: task, run, step, batching, limits, model and tokenizer."""
   return {'task': service.task, 'workdir': os.path.abspath(workdir), 'checkpoint_step': step,
           'endpoint': service.path, 'max_batch': batcher.max_batch,
+          'batching': 'step' if isinstance(batcher, StepBatcher) else 'request',
           'max_wait_ms': batcher.max_wait * 1000, 'wait_fraction': batcher.wait_fraction,
           'limits': dataclasses.asdict(service.limits),
           **service.info()}
@@ -787,6 +974,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='how long the oldest queued request waits for company')
   parser.add_argument('--wait_fraction', type=float, default=0.05,
                       help='the wait is at least this fraction of the previous batch\'s run time')
+  parser.add_argument('--batching', choices=('step', 'request'), default='step',
+                      help='step: beam-search texts join and leave the running batch between '
+                           'decoding steps; request: whole requests are batched')
+  parser.add_argument('--chunk_steps', type=int, default=4,
+                      help='step batching: decoding steps between checks for new texts '
+                           'while a slot is free')
   parser.add_argument('--max_texts', type=int, default=Limits.max_texts)
   parser.add_argument('--max_chars', type=int, default=Limits.max_chars)
   parser.add_argument('--max_queue', type=int, default=Limits.max_queue)
@@ -815,12 +1008,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError(f'--max_lens={args.max_lens!r} must be comma-separated integers'
                        ) from None
     limits = Limits(args.max_texts, args.max_chars, args.max_queue, args.max_context_chars)
+    step_batching = args.batching == 'step'
     service, step = load_service(args.workdir, args.step, max_batch=args.max_batch,
                                  max_lens=max_lens, max_searches=args.max_searches,
-                                 limits=limits)
-    batcher = DynamicBatcher(service.run, max_batch=service.max_batch,
-                             max_wait_ms=args.max_wait_ms, wait_fraction=args.wait_fraction,
-                             max_queue=args.max_queue)
+                                 limits=limits, step_batching=step_batching)
+    batcher = make_batcher(service, max_wait_ms=args.max_wait_ms,
+                           wait_fraction=args.wait_fraction, max_queue=args.max_queue,
+                           step_batching=step_batching, chunk_steps=args.chunk_steps)
   except (FileNotFoundError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

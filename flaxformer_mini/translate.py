@@ -57,7 +57,13 @@ from flaxformer_mini import decoding
 from flaxformer_mini import quantize as _quantize
 from flaxformer_mini.config import TransformerConfig
 from flaxformer_mini.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, check_vocab
-from flaxformer_mini.models import STATIC_CACHE_KEYS, Transformer, seq2seq_decoding_fns
+from flaxformer_mini.models import (
+  STATIC_CACHE_KEYS,
+  Transformer,
+  rows_cache,
+  seq2seq_decoding_fns,
+  seq2seq_step_fn,
+)
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -168,8 +174,10 @@ def _search(params, inputs, rng, *, model_config: TransformerConfig, max_decode_
 
 
 def compiled_shapes() -> int:
-  """How many (model, options, shape) variants of the search this process has compiled."""
-  return _search._cache_size()  # pylint: disable=protected-access
+  """How many (model, options, shape) variants of the searches (`Translator`'s and
+  `BeamSlots`') this process has compiled."""
+  # pylint: disable=protected-access
+  return _search._cache_size() + _rows_start._cache_size() + _rows_advance._cache_size()
 
 
 class Translator:
@@ -320,6 +328,148 @@ class Translator:
       for i, text in zip(idx, self.tokenizer.decode(np.asarray(seqs)[:len(idx)])):
         out[i] = text
     return out
+
+
+# ------------------------------------------------------------------ step-level batching
+
+
+@functools.partial(jax.jit, static_argnames=('model_config', 'max_decode_len'),
+                   donate_argnums=(1,))
+def _rows_start(params, state, inputs, slots, *, model_config: TransformerConfig,
+                max_decode_len: int):
+  """Encodes inputs [n, src_len] and starts them in ``slots`` [n] of the pool ``state``."""
+  model = Transformer(model_config)
+  params = _quantize.dequantize_params(params)
+  _, cache = seq2seq_decoding_fns(model, params, inputs, max_decode_len)
+  src_len = state.cache['decoder']['encoder_valid'].shape[1]
+  return decoding.beam_rows_start(state, slots, rows_cache(cache, src_len), bos_id=BOS_ID,
+                                  pad_id=PAD_ID, static_cache_keys=STATIC_CACHE_KEYS)
+
+
+@functools.partial(jax.jit, static_argnames=('model_config', 'max_decode_len', 'alpha'),
+                   donate_argnums=(1,))
+def _rows_advance(params, state, max_steps, *, model_config: TransformerConfig,
+                  max_decode_len: int, alpha: float):
+  """Up to ``max_steps`` steps of the pool; (state, finished [rows], best [rows, len])."""
+  model = Transformer(model_config)
+  params = _quantize.dequantize_params(params)
+  state, finished = decoding.beam_rows_advance(
+      seq2seq_step_fn(model, params), state, max_steps, max_decode_len=max_decode_len,
+      eos_id=EOS_ID, bos_id=BOS_ID, pad_id=PAD_ID, alpha=alpha,
+      static_cache_keys=STATIC_CACHE_KEYS)
+  return state, finished, state.fin_seqs[:, 0]
+
+
+class BeamSlots:
+  """Step-level beam search over a `Translator`: sentences join and leave between steps.
+
+  A pool of ``rows`` slots (`decoding.beam_rows_advance`): `start` puts sentences in free
+  slots, `advance` steps every busy one and hands back each sentence as soon as its own
+  search ends, so a server never waits for the longest sentence of a batch, and a
+  sentence gets the tokens `Translator.translate` gives it (the same search, row by row).
+  New sentences are encoded in power-of-two buckets (rows by source length, as
+  `Translator.batches`); the pool holds sources of up to ``model.max_len`` tokens.
+
+  Args:
+    translator: the model, params and tokenizer.
+    search: a beam search (``method='beam'``).
+    rows: slots in the pool (default ``translator.batch_size``).
+  """
+
+  def __init__(self, translator: Translator, search: SearchConfig, rows: int | None = None):
+    if search.method != 'beam':
+      raise ValueError(f'BeamSlots runs beam search, got method={search.method!r}')
+    self.translator, self.search = translator, search
+    self.rows = int(rows or translator.batch_size)
+    if self.rows < 1:
+      raise ValueError(f'rows={rows} must be >= 1')
+    cfg, n = translator.model_config, translator.max_decode_len
+    self._static = dict(model_config=cfg, max_decode_len=n)
+    dummy = jnp.zeros((self.rows, cfg.max_len), jnp.int32)
+    shapes = jax.eval_shape(lambda p: rows_cache(seq2seq_decoding_fns(
+        translator.model, _quantize.dequantize_params(p), dummy, n)[1], cfg.max_len),
+        translator.params)
+    self._empty = lambda: decoding.beam_rows_init(
+        jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+        rows=self.rows, beam_size=search.beam_size, max_decode_len=n, pad_id=PAD_ID,
+        static_cache_keys=STATIC_CACHE_KEYS)
+    self.reset()
+
+  def reset(self) -> None:
+    """Empties the pool (every slot free), e.g. after a failed step."""
+    self._state = self._empty()
+    self._owner: list[Any] = [None] * self.rows   # what `start` was given, per busy slot
+
+  @property
+  def free(self) -> int:
+    return self._owner.count(None)
+
+  @property
+  def busy(self) -> int:
+    return self.rows - self.free
+
+  def start(self, items: Sequence[tuple[Any, np.ndarray]]) -> None:
+    """Starts ``(tag, source ids)`` pairs in free slots (at most `free` of them); a tag
+    is any value but None, handed back by `advance`."""
+    if not items:
+      return
+    if any(tag is None for tag, _ in items):
+      raise ValueError('a sentence tag must not be None (None marks a free slot)')
+    slots = [r for r, o in enumerate(self._owner) if o is None][:len(items)]
+    if len(slots) < len(items):
+      raise ValueError(f'{len(items)} sentences for {len(slots)} free slots')
+    cfg = self.translator.model_config
+    n = min(self.rows, _next_pow2(len(items)))
+    for start in range(0, len(items), n):  # more than the bucket: several calls
+      chunk, where = items[start:start + n], slots[start:start + n]
+      longest = max(len(ids) for _, ids in chunk)
+      length = min(cfg.max_len, max(MIN_LENGTH_BUCKET, _next_pow2(longest)))
+      inputs = np.full((n, length), PAD_ID, np.int32)
+      for row, (_, ids) in enumerate(chunk):
+        inputs[row, :len(ids)] = ids[:cfg.max_len]
+      inputs[len(chunk):] = inputs[len(chunk) - 1]
+      index = np.full((n,), self.rows, np.int32)  # filler rows go to no slot
+      index[:len(chunk)] = where
+      self._state = _rows_start(self.translator.params, self._state, jnp.asarray(inputs),
+                                jnp.asarray(index), **self._static)
+      for (tag, _), slot in zip(chunk, where):
+        self._owner[slot] = tag
+
+  def advance(self, max_steps: int) -> list[tuple[Any, np.ndarray]]:
+    """Steps the busy slots up to ``max_steps`` times, stopping early when one finishes.
+
+    Returns ``(tag, tokens [max_decode_len])`` for each sentence that finished (its
+    best hypothesis, without BOS, EOS then PAD); their slots are free again.
+    """
+    if not self.busy:
+      return []
+    self._state, finished, best = _rows_advance(
+        self.translator.params, self._state, jnp.int32(max_steps), alpha=self.search.alpha,
+        **self._static)
+    done = []
+    best = np.asarray(best)
+    for slot in np.flatnonzero(np.asarray(finished)):
+      done.append((self._owner[slot], best[slot]))
+      self._owner[slot] = None
+    return done
+
+  def warm_up(self) -> int:
+    """Compiles `start` for every bucket shape and `advance`; returns the shapes run."""
+    cfg = self.translator.model_config
+    lengths, count, rows = [], 0, 1
+    n = MIN_LENGTH_BUCKET
+    while n < cfg.max_len:
+      lengths.append(n)
+      n *= 2
+    while True:
+      for length in lengths + [cfg.max_len]:
+        self.start([('warm-up', np.full((length,), 3, np.int32))] * rows)
+        count += 1
+        while self.busy:
+          self.advance(self.translator.max_decode_len)
+      if rows >= self.rows:
+        return count
+      rows = min(self.rows, rows * 2)
 
 
 # --------------------------------------------------------------------------------- CLI

@@ -15,8 +15,13 @@ import pytest
 
 from flaxformer_mini import decoding
 from flaxformer_mini.config import TransformerConfig
-from flaxformer_mini.models import (STATIC_CACHE_KEYS, Transformer, rows_cache,
-                                    seq2seq_decoding_fns, seq2seq_step_fn)
+from flaxformer_mini.models import (
+  STATIC_CACHE_KEYS,
+  Transformer,
+  rows_cache,
+  seq2seq_decoding_fns,
+  seq2seq_step_fn,
+)
 
 BOS, EOS, PAD = 1, 2, 0
 MAX_DECODE, SRC, BEAM, ROWS = 10, 8, 3, 3
@@ -119,7 +124,7 @@ def test_rows_join_mid_search_and_match_beam_search_alone(overrides, alpha):
 def test_pool_checks_its_cache():
   model, params = _model()
   _, cache = seq2seq_decoding_fns(model, params, jnp.zeros((2, SRC), jnp.int32), MAX_DECODE)
-  with pytest.raises(ValueError, match='decode_index.*scalar.*rows_cache'):
+  with pytest.raises(ValueError, match=r'decode_index.*scalar.*rows_cache'):
     decoding.beam_rows_init(cache, rows=2, beam_size=2, max_decode_len=MAX_DECODE,
                             static_cache_keys=STATIC_CACHE_KEYS)
   with pytest.raises(ValueError, match='has 8 source positions, more than src_len=4'):

@@ -172,6 +172,91 @@ def test_batcher_close_finishes_queued_requests_and_bounds_the_queue():
   assert [f.result(0) for f in jobs] == [[0], [2, 2], [4, 4]]
 
 
+class _CountdownPool:
+  """A fake step-level pool: item ``n`` takes ``n`` steps; the log records who ran."""
+
+  def __init__(self, slots: int, log: list, fail_on=None):
+    self.slots, self.log, self.fail_on = slots, log, fail_on
+    self.running = {}  # tag -> steps left
+
+  free = property(lambda self: self.slots - len(self.running))
+  busy = property(lambda self: len(self.running))
+
+  def start(self, items):
+    assert len(items) <= self.free
+    for tag, n in items:
+      if n == self.fail_on:
+        raise RuntimeError(f'cannot run {n}')
+      self.running[tag] = n
+
+  def advance(self, max_steps):
+    self.log.append(sorted(n for n in self.running.values()))
+    for _ in range(max_steps):
+      self.running = {t: n - 1 for t, n in self.running.items()}
+      done = [(t, f'done {t[0].items[t[1]]}') for t, n in self.running.items() if n <= 0]
+      if done:
+        for t, _ in done:
+          del self.running[t]
+        return done
+    return []
+
+  def reset(self):
+    self.running = {}
+
+
+def test_step_batcher_lets_texts_join_and_leave_between_steps():
+  steps, batches = [], []
+  pool = _CountdownPool(3, steps)
+  release = threading.Event()
+
+  def run(key, items):  # requests without a pool
+    release.wait(10)
+    batches.append((key, items))
+    return [f'ran {x}' for x in items]
+
+  batcher = serve.StepBatcher(run, lambda key: pool if key == 'beam' else None, max_batch=3,
+                              max_wait_ms=0, chunk_steps=1)
+  try:
+    blocker = batcher.submit('greedy', [0])  # holds the worker until released
+    while batcher.queued:
+      time.sleep(0.001)
+    long = batcher.submit('beam', [9, None, 2])  # an empty text needs no slot
+    short = [batcher.submit('beam', [n]) for n in (1, 1, 3)]
+    gone = batcher.submit('beam', [5])
+    assert gone.cancel()
+    later = batcher.submit('greedy', [7])  # no pool: waits until the pool is idle
+    after = batcher.submit('beam', [1])    # first come, first served: after `later`
+    release.set()
+    assert blocker.result(10) == ['ran 0']
+    assert long.result(10) == ['done 9', '', 'done 2']
+    assert [f.result(10) for f in short] == [['done 1'], ['done 1'], ['done 3']]
+    assert later.result(10) == ['ran 7'] and after.result(10) == ['done 1']
+  finally:
+    batcher.close(10)
+  assert batches == [('greedy', [0]), ('greedy', [7])]
+  # 9 and 2 start with the first 1; the next texts take freed slots between steps; the
+  # greedy request waits for the pool to drain (9's last step) and `after` waits for it.
+  assert steps[:5] == [[1, 2, 9], [1, 1, 8], [3, 7], [2, 6], [1, 5]]
+  assert steps[-2:] == [[1], [1]]
+  assert batcher.abandoned == 1 and batcher.items_run == 9
+  assert pool.busy == 0
+
+
+def test_step_batcher_fails_only_the_requests_in_a_failed_step():
+  pool = _CountdownPool(2, [], fail_on=66)
+  batcher = serve.StepBatcher(lambda key, items: items, lambda key: pool, max_batch=2,
+                              max_wait_ms=0)
+  try:
+    bad = batcher.submit('beam', [66, 1, 1, 1])  # its first two texts start together
+    with pytest.raises(RuntimeError, match='cannot run 66'):
+      bad.result(10)
+    assert batcher.submit('beam', [2, 1]).result(10) == ['done 2', 'done 1']
+  finally:
+    batcher.close(10)
+  with pytest.raises(ValueError, match='chunk_steps=0'):
+    serve.StepBatcher(lambda key, items: items, lambda key: None, chunk_steps=0)
+
+
 # ------------------------------------------------------------------- the server process
 
 
@@ -230,6 +315,18 @@ def test_concurrent_single_sentences_equal_translator(server, translator):
   # The 8 requests shared batches, in shapes --warmup=greedy compiled at start-up.
   assert after['batches_run'] - before['batches_run'] < len(SOURCES)
   assert after['compiled'] == before['compiled']
+
+
+@pytest.mark.slow
+def test_concurrent_beam_requests_share_steps_and_equal_translator(server, translator):
+  want = translator.translate(SOURCES)  # the default search: beam 4, step-level batching
+  before = _get(server, '/healthz')
+  with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
+    results = list(pool.map(lambda s: _post(server, {'texts': [s]}), SOURCES))
+  assert [body['translations'] for _, body in results] == [[w] for w in want]
+  after = _get(server, '/healthz')
+  steps = after['steps_run'] - before['steps_run']
+  assert steps and (after['rows_stepped'] - before['rows_stepped']) / steps > 1  # shared steps
 
 
 @pytest.mark.slow
