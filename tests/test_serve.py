@@ -506,8 +506,11 @@ def test_runs_of_other_tasks_are_refused(tmp_path, capsys):
 
 @contextlib.contextmanager
 def _serving(service, max_batch):
-  """Serves ``service`` from this process on a free port; stops it on every outcome."""
-  batcher = serve.DynamicBatcher(service.run, max_batch=max_batch, max_wait_ms=20)
+  """Serves ``service`` from this process on a free port; stops it on every outcome.
+  Beam searches go through step-level batching, as in the server's default."""
+  batcher = serve.make_batcher(service, max_wait_ms=20)
+  assert batcher.max_batch == max_batch
+  assert isinstance(batcher, serve.StepBatcher) == hasattr(service, 'pools')
   server = serve.make_server(
       serve.create_app(service, batcher, serve.model_info(service, batcher, '.', 0)),
       '127.0.0.1', 0)
