@@ -52,13 +52,29 @@ def _sources(n: int) -> list[np.ndarray]:
   return [rng.integers(3, 40, size=int(rng.integers(2, SRC + 1))) for _ in range(n)]
 
 
-def _alone(model, params, src, alpha):
-  inputs = jnp.asarray(src[None], jnp.int32)
-  t2l, cache = seq2seq_decoding_fns(model, params, inputs, MAX_DECODE)
-  seqs, scores = decoding.beam_search(
-      _boosted(t2l), cache, batch_size=1, beam_size=BEAM, max_decode_len=MAX_DECODE,
-      bos_id=BOS, eos_id=EOS, pad_id=PAD, alpha=alpha, static_cache_keys=STATIC_CACHE_KEYS)
-  return np.asarray(seqs[0, 0]), float(scores[0, 0])
+def _padded(sources, length):
+  inputs = np.full((len(sources), length), PAD, np.int32)
+  for row, src in enumerate(sources):
+    inputs[row, :len(src)] = src
+  return jnp.asarray(inputs)
+
+
+def _alone(model, params, alpha):
+  """sources -> [(tokens, score)], each searched alone (a batch of one, padded to SRC)."""
+  @jax.jit
+  def search(inputs):
+    t2l, cache = seq2seq_decoding_fns(model, params, inputs, MAX_DECODE)
+    return decoding.beam_search(
+        _boosted(t2l), cache, batch_size=1, beam_size=BEAM, max_decode_len=MAX_DECODE,
+        bos_id=BOS, eos_id=EOS, pad_id=PAD, alpha=alpha, static_cache_keys=STATIC_CACHE_KEYS)
+
+  def run(sources):
+    out = []
+    for src in sources:
+      seqs, scores = search(_padded([src], SRC))
+      out.append((np.asarray(seqs[0, 0]), float(scores[0, 0])))
+    return out
+  return run
 
 
 def _pool(model, params, sources, alpha, admit_per_call=2):
@@ -88,12 +104,11 @@ def _pool(model, params, sources, alpha, admit_per_call=2):
     if queue and free:
       take = queue[:len(free)]
       queue = queue[len(take):]
-      length = max(len(sources[i]) for i in take)
-      inputs = np.full((len(take), length), PAD, np.int32)
+      length = 4 if max(len(sources[i]) for i in take) <= 4 else SRC  # two source buckets
       for row, i in enumerate(take):
-        inputs[row, :len(sources[i])] = sources[i]
         owner[free[row]] = i
-      state = start(state, jnp.asarray(inputs), jnp.asarray(free[:len(take)], jnp.int32))
+      state = start(state, _padded([sources[i] for i in take], length),
+                    jnp.asarray(free[:len(take)], jnp.int32))
     most = max(most, len(owner))
     state, finished = advance(state, 3)  # a few steps, so admissions land mid-search
     for row in np.flatnonzero(np.asarray(finished)):
@@ -113,8 +128,7 @@ def test_rows_join_mid_search_and_match_beam_search_alone(overrides, alpha):
   got, most = _pool(model, params, sources, alpha)
   assert most == ROWS  # the pool was full, so rows shared steps at different positions
   lengths = set()
-  for i, src in enumerate(sources):
-    want_tokens, want_score = _alone(model, params, src, alpha)
+  for i, (want_tokens, want_score) in enumerate(_alone(model, params, alpha)(sources)):
     np.testing.assert_array_equal(got[i][0], want_tokens, err_msg=f'sentence {i}')
     np.testing.assert_allclose(got[i][1], want_score, rtol=1e-5, err_msg=f'sentence {i}')
     lengths.add(int(np.sum(want_tokens != PAD)))
