@@ -143,3 +143,24 @@ def test_pool_checks_its_cache():
                             static_cache_keys=STATIC_CACHE_KEYS)
   with pytest.raises(ValueError, match='has 8 source positions, more than src_len=4'):
     rows_cache(cache, 4)
+
+
+def test_beam_slots_translate_like_translator_and_refuse_misuse(smoke_run_dir):
+  from flaxformer_mini import translate
+  translator = translate.Translator.from_workdir(smoke_run_dir, batch_size=2)
+  texts = ['Eu gosto de gatos.', 'Bom dia.', 'A casa é muito grande e bonita.', 'Obrigado.']
+  want = translator.translate(texts)
+  slots = translate.BeamSlots(translator, translate.SearchConfig())  # 2 slots
+  queue, got = list(enumerate(translator.encode(texts))), {}
+  with pytest.raises(ValueError, match='3 sentences for 2 free slots'):
+    slots.start(queue[:3])
+  with pytest.raises(ValueError, match='must not be None'):
+    slots.start([(None, queue[0][1])])
+  while queue or slots.busy:
+    take, queue = queue[:slots.free], queue[slots.free:]
+    slots.start(take)  # into the slots freed by the last advance, mid-search of the others
+    for tag, tokens in slots.advance(2):
+      got[tag] = translator.tokenizer.decode(tokens[None])[0]
+  assert [got[i] for i in range(len(texts))] == want
+  with pytest.raises(ValueError, match="BeamSlots runs beam search, got method='greedy'"):
+    translate.BeamSlots(translator, translate.SearchConfig('greedy'))
