@@ -115,7 +115,9 @@ def test_every_config_file_is_a_train_config():
 
 def test_distill_variants_are_the_task_kinds():
   from flaxformer_mini.tasks import distill
-  assert _module('distill_pt_en').VARIANTS == distill.KINDS
+  assert _module('distill_pt_en').KINDS == distill.KINDS
+  deep = _module('distill_pt_en').get_config('deep')
+  assert deep.distill.kind == 'sequence' and deep.model.num_decoder_layers == 1
 
 
 def test_examples_build_their_models():
