@@ -279,7 +279,14 @@ class StepBatcher(DynamicBatcher):
     admitted, free = [], 0 if pool is None else pool.free
     while self._jobs:
       job = self._jobs[0]
-      target = self._pool_of(job)
+      try:
+        target = self._pool_of(job)
+      except Exception as e:  # e.g. no memory for a new pool: this request fails, not the worker
+        log.exception('no pool for a request of %d texts', len(job.items))
+        self._jobs.pop(0)
+        if job.future.set_running_or_notify_cancel():
+          job.future.set_exception(e)
+        continue
       busy = pool is not None and (pool.busy or admitted)
       if target is None or (busy and target is not pool):
         if busy:
@@ -327,6 +334,8 @@ class StepBatcher(DynamicBatcher):
         pool, admitted, batch = self._admit(pool, progress)
       if batch is not None:
         self._run_jobs(batch)
+        continue
+      if pool is None or not (admitted or pool.busy):  # e.g. the only request failed
         continue
       try:
         pool.start(admitted)

@@ -253,6 +253,16 @@ def test_step_batcher_fails_only_the_requests_in_a_failed_step():
     assert batcher.submit('beam', [2, 1]).result(10) == ['done 2', 'done 1']
   finally:
     batcher.close(10)
+  def no_pool(key):
+    raise MemoryError('no room for a pool')
+
+  batcher = serve.StepBatcher(lambda key, items: items, no_pool, max_batch=2, max_wait_ms=0)
+  try:
+    with pytest.raises(MemoryError, match='no room'):
+      batcher.submit('beam', [1]).result(10)
+    assert batcher.submit('beam', [2]).exception(10) is not None  # the worker is still there
+  finally:
+    batcher.close(10)
   with pytest.raises(ValueError, match='chunk_steps=0'):
     serve.StepBatcher(lambda key, items: items, lambda key: None, chunk_steps=0)
 
