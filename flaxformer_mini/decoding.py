@@ -332,6 +332,62 @@ def _gather_flat_cache(cache: PyTree, idx: Array, static_keys=()) -> PyTree:
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 
+def _beam_done(shortest: Array, longest: Array, live_logprobs: Array,
+                    fin_scores: Array, fin_flags: Array, alpha: float) -> Array:
+  """[batch] bool: a row's search is over (see `beam_search`).
+
+  ``shortest`` / ``longest`` [batch]: the fewest / most generated tokens a live beam can
+  still end with. A row is done when its finished pool is full and its worst finished
+  score beats the best score a live beam could still reach (its log-prob over the largest
+  length penalty still possible; the penalty is monotonic in length, so that is at one of
+  the two ends), or when no live beam is left.
+  """
+  best_penalty = jnp.maximum(length_penalty(shortest, alpha), length_penalty(longest, alpha))
+  best_live = jnp.minimum(jnp.max(live_logprobs, axis=1), 0.0)
+  worst_finished = jnp.min(fin_scores, axis=1)
+  return ((jnp.all(fin_flags, axis=1) & (worst_finished > best_live / best_penalty))
+          | (best_live == NEG_INF))
+
+
+def _beam_update(logprobs: Array, t: Array, generated: Array, live_seqs: Array,
+                 live_logprobs: Array, fin_seqs: Array, fin_scores: Array, fin_flags: Array,
+                 *, eos_id: int, alpha: float):
+  """One beam-search step from the log-probs of every live beam's next token.
+
+  Args:
+    logprobs: [batch, beam, vocab] float32 (banned and forced tokens already applied).
+    t: [batch] int32, each row's step (its token goes to position ``t``).
+    generated: [batch] int32, tokens counted by the length penalty after this step.
+    live_seqs, fin_seqs: [batch, beam, max_len]; live_logprobs, fin_scores,
+      fin_flags: [batch, beam] (`beam_search`'s state).
+  Returns:
+    (parent [batch, beam] live beam each new live beam extends, ids [batch, beam] its
+    last token, live_seqs, live_logprobs, fin_seqs, fin_scores, fin_flags).
+  """
+  b, k, vocab = logprobs.shape
+  max_len = live_seqs.shape[-1]
+  # Top 2*beam extensions of all live beams: [batch, 2*beam].
+  extended = (live_logprobs[:, :, None] + logprobs).reshape(b, k * vocab)
+  cand_logprobs, cand_index = lax.top_k(extended, min(2 * k, k * vocab))
+  cand_parent, cand_token = cand_index // vocab, cand_index % vocab
+  cand_seqs = jnp.where(jnp.arange(max_len) == t[:, None, None], cand_token[:, :, None],
+                        _gather_beams(live_seqs, cand_parent))
+  cand_eos = cand_token == eos_id
+
+  # Finished pool: keep the best `beam` of old finished + newly finished.
+  finishing = (cand_eos | (t == max_len - 1)[:, None]) & (cand_logprobs > NEG_INF)
+  cand_scores = jnp.where(
+      finishing, cand_logprobs / length_penalty(generated, alpha)[:, None], NEG_INF)
+  fin_scores, keep = lax.top_k(jnp.concatenate([fin_scores, cand_scores], 1), k)
+  fin_seqs = _gather_beams(jnp.concatenate([fin_seqs, cand_seqs], 1), keep)
+  fin_flags = _gather_beams(jnp.concatenate([fin_flags, finishing], 1), keep)
+
+  # Live beams: the best `beam` extensions that did not end in EOS.
+  live_logprobs, keep = lax.top_k(jnp.where(cand_eos, NEG_INF, cand_logprobs), k)
+  return (_gather_beams(cand_parent, keep), _gather_beams(cand_token, keep),
+          _gather_beams(cand_seqs, keep), live_logprobs, fin_seqs, fin_scores, fin_flags)
+
+
 def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
                 batch_size: int, beam_size: int, max_decode_len: int, bos_id: int,
                 eos_id: int, pad_id: int = 0, alpha: float = 0.6, num_return: int = 1,
@@ -401,16 +457,9 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
 
   def cond(state):
     t, _, _, _, live_logprobs, _, fin_scores, fin_flags = state
-    # Future completion lengths lie in [t + 1 - prompt_length, max_generated]; the
-    # penalty is monotonic in length, so its maximum is at one of the two ends.
-    shortest = jnp.maximum(t + 1 - prompt_length, 0)
-    best_penalty = jnp.maximum(length_penalty(shortest, alpha),
-                               length_penalty(max_generated, alpha))
-    best_live = jnp.minimum(jnp.max(live_logprobs, axis=1), 0.0)
-    best_reachable = best_live / best_penalty
-    worst_finished = jnp.min(fin_scores, axis=1)
-    row_done = ((jnp.all(fin_flags, axis=1) & (worst_finished > best_reachable))
-                | (best_live == NEG_INF))
+    # Future completion lengths lie in [t + 1 - prompt_length, max_generated].
+    row_done = _beam_done(jnp.maximum(t + 1 - prompt_length, 0), max_generated,
+                               live_logprobs, fin_scores, fin_flags, alpha)
     return (t < max_len) & ~jnp.all(row_done)
 
   def body(state):
@@ -427,27 +476,10 @@ def beam_search(tokens_to_logits: TokensToLogits, init_cache: PyTree, *,
       forced_logprobs = jnp.where(is_forced, 0.0, NEG_INF)
       logprobs = jnp.where((t < prompt_length)[:, None, None], forced_logprobs, logprobs)
 
-    # Top 2*beam extensions of all live beams: [batch, 2*beam].
-    extended = (live_logprobs[:, :, None] + logprobs).reshape(b, k * vocab)
-    cand_logprobs, cand_index = lax.top_k(extended, min(2 * k, k * vocab))
-    cand_parent, cand_token = cand_index // vocab, cand_index % vocab
-    cand_seqs = _gather_beams(live_seqs, cand_parent).at[:, :, t].set(cand_token)
-    cand_eos = cand_token == eos_id
-
-    # Finished pool: keep the best `beam` of old finished + newly finished.
-    generated = t + 1 - prompt_length  # [batch]
-    finishing = (cand_eos | (t == max_len - 1)) & (cand_logprobs > NEG_INF)
-    cand_scores = jnp.where(
-        finishing, cand_logprobs / length_penalty(generated, alpha)[:, None], NEG_INF)
-    fin_scores, keep = lax.top_k(jnp.concatenate([fin_scores, cand_scores], 1), k)
-    fin_seqs = _gather_beams(jnp.concatenate([fin_seqs, cand_seqs], 1), keep)
-    fin_flags = _gather_beams(jnp.concatenate([fin_flags, finishing], 1), keep)
-
-    # Live beams: the best `beam` extensions that did not end in EOS.
-    live_logprobs, keep = lax.top_k(jnp.where(cand_eos, NEG_INF, cand_logprobs), k)
-    live_seqs = _gather_beams(cand_seqs, keep)
-    ids = _gather_beams(cand_token, keep)
-    cache = _gather_flat_cache(cache, _gather_beams(cand_parent, keep), static_cache_keys)
+    parent, ids, live_seqs, live_logprobs, fin_seqs, fin_scores, fin_flags = _beam_update(
+        logprobs, jnp.broadcast_to(t, (b,)), t + 1 - prompt_length, live_seqs, live_logprobs,
+        fin_seqs, fin_scores, fin_flags, eos_id=eos_id, alpha=alpha)
+    cache = _gather_flat_cache(cache, parent, static_cache_keys)
     return t + 1, ids, cache, live_seqs, live_logprobs, fin_seqs, fin_scores, fin_flags
 
   flat_cache = jax.tree_util.tree_map_with_path(
@@ -556,15 +588,6 @@ def beam_rows_start(state: BeamRows, slots: Array, cache: PyTree, *, bos_id: int
       fin_flags=set_rows(state.fin_flags, False), active=set_rows(state.active, True))
 
 
-def _rows_stopped(t, live_logprobs, fin_scores, fin_flags, max_len: int, alpha: float):
-  """[rows] bool: `beam_search`'s stopping rule, per row after its ``t`` [rows] steps."""
-  best_penalty = jnp.maximum(length_penalty(t + 1, alpha), length_penalty(max_len, alpha))
-  best_live = jnp.minimum(jnp.max(live_logprobs, axis=1), 0.0)
-  worst_finished = jnp.min(fin_scores, axis=1)
-  return ((jnp.all(fin_flags, axis=1) & (worst_finished > best_live / best_penalty))
-          | (best_live == NEG_INF) | (t >= max_len))
-
-
 def beam_rows_advance(tokens_to_logits: TokensToLogits, state: BeamRows, max_steps, *,
                       max_decode_len: int, eos_id: int, bos_id: int, pad_id: int = 0,
                       alpha: float = 0.6, static_cache_keys: tuple[str, ...] = (),
@@ -587,37 +610,23 @@ def beam_rows_advance(tokens_to_logits: TokensToLogits, state: BeamRows, max_ste
   rows, k = state.ids.shape
   max_len = max_decode_len
   banned = _banned_ids(pad_id, bos_id, eos_id, allow_bos)
-  at_step = lambda t: jnp.arange(max_len) == t[:, None, None]  # [rows, 1, max_len]
 
   def step(s: BeamRows) -> BeamRows:
     logits, cache = tokens_to_logits(s.ids.reshape(rows * k, 1), s.cache)
     _check_logits(logits, rows * k)
-    vocab = logits.shape[-1]
     logprobs = _ban(jax.nn.log_softmax(logits.astype(jnp.float32)), banned)
-    extended = (s.live_logprobs[:, :, None] + logprobs.reshape(rows, k, vocab))
-    cand_logprobs, cand_index = lax.top_k(extended.reshape(rows, k * vocab),
-                                          min(2 * k, k * vocab))
-    cand_parent, cand_token = cand_index // vocab, cand_index % vocab
-    cand_seqs = jnp.where(at_step(s.t), cand_token[:, :, None],
-                          _gather_beams(s.live_seqs, cand_parent))
-    cand_eos = cand_token == eos_id
-    finishing = ((cand_eos | (s.t == max_len - 1)[:, None]) & (cand_logprobs > NEG_INF))
-    cand_scores = jnp.where(
-        finishing, cand_logprobs / length_penalty(s.t + 1, alpha)[:, None], NEG_INF)
-    fin_scores, keep = lax.top_k(jnp.concatenate([s.fin_scores, cand_scores], 1), k)
-    fin_seqs = _gather_beams(jnp.concatenate([s.fin_seqs, cand_seqs], 1), keep)
-    fin_flags = _gather_beams(jnp.concatenate([s.fin_flags, finishing], 1), keep)
-    live_logprobs, keep = lax.top_k(jnp.where(cand_eos, NEG_INF, cand_logprobs), k)
-    cache = _gather_flat_cache(cache, _gather_beams(cand_parent, keep), static_cache_keys)
-    new = BeamRows(s.t + 1, _gather_beams(cand_token, keep), cache,
-                   _gather_beams(cand_seqs, keep), live_logprobs, fin_seqs, fin_scores,
+    parent, ids, live_seqs, live_logprobs, fin_seqs, fin_scores, fin_flags = _beam_update(
+        logprobs.reshape(rows, k, -1), s.t, s.t + 1, s.live_seqs, s.live_logprobs,
+        s.fin_seqs, s.fin_scores, s.fin_flags, eos_id=eos_id, alpha=alpha)
+    cache = _gather_flat_cache(cache, parent, static_cache_keys)
+    new = BeamRows(s.t + 1, ids, None, live_seqs, live_logprobs, fin_seqs, fin_scores,
                    fin_flags, s.active)
     # Rows that were not searching keep their state (their cache is scratch).
     kept = jax.tree_util.tree_map(
         lambda n, o: jnp.where(s.active.reshape((rows,) + (1,) * (n.ndim - 1)), n, o),
-        new._replace(cache=None), s._replace(cache=None))
-    stopped = _rows_stopped(kept.t, kept.live_logprobs, kept.fin_scores, kept.fin_flags,
-                            max_len, alpha)
+        new, s._replace(cache=None))
+    stopped = _beam_done(kept.t + 1, max_len, kept.live_logprobs, kept.fin_scores,
+                              kept.fin_flags, alpha) | (kept.t >= max_len)
     return kept._replace(cache=cache, active=s.active & ~stopped)
 
   def cond(carry):
