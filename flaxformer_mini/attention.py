@@ -480,16 +480,13 @@ class MultiHeadAttention(nn.Module):
     i = cache_index.value
     if i.ndim:  # one index per row (step-level batching: rows start at different steps)
       write = jax.vmap(lambda c, x, j: jax.lax.dynamic_update_slice(c, x, (0, j, 0)))
-      cached_key.value = write(cached_key.value, to_cache(key).astype(cached_key.value.dtype), i)
-      cached_value.value = write(cached_value.value,
-                                 to_cache(value).astype(cached_value.value.dtype), i)
       step_mask = (jnp.arange(max_len)[None, :] <= i[:, None])[:, None, None, :]
     else:
-      cached_key.value = jax.lax.dynamic_update_slice(
-          cached_key.value, to_cache(key).astype(cached_key.value.dtype), (0, 0, i, 0))
-      cached_value.value = jax.lax.dynamic_update_slice(
-          cached_value.value, to_cache(value).astype(cached_value.value.dtype), (0, 0, i, 0))
+      write = lambda c, x, j: jax.lax.dynamic_update_slice(c, x, (0, 0, j, 0))
       step_mask = (jnp.arange(max_len) <= i)[None, None, None, :]
+    cached_key.value = write(cached_key.value, to_cache(key).astype(cached_key.value.dtype), i)
+    cached_value.value = write(cached_value.value,
+                               to_cache(value).astype(cached_value.value.dtype), i)
     cache_index.value = i + 1
     return (jnp.swapaxes(cached_key.value, 1, 2), jnp.swapaxes(cached_value.value, 1, 2),
             combine_masks(step_mask, mask))
