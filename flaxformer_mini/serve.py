@@ -243,6 +243,14 @@ class DynamicBatcher:
     self._free_since = time.monotonic()
 
 
+@dataclasses.dataclass
+class _Progress:
+  """A request partly or wholly taken into a `StepBatcher` pool."""
+  results: list   # one per item, None until answered
+  taken: int = 0  # items taken from the request so far (in order)
+  answered: int = 0
+
+
 class StepBatcher(DynamicBatcher):
   """Step-level (continuous) batching: texts join and leave a running search between steps.
 
@@ -299,27 +307,28 @@ class StepBatcher(DynamicBatcher):
           self._jobs.pop(0)
           self.abandoned += 1
           continue
-        progress[job.future] = [[None] * len(job.items), 0, 0]  # results, next, answered
+        progress[job.future] = _Progress([None] * len(job.items))
       state = progress[job.future]
-      while state[1] < len(job.items):
-        item = job.items[state[1]]
+      while state.taken < len(job.items):
+        item = job.items[state.taken]
         if item is None:  # an empty text: nothing to decode
-          state[0][state[1]], state[2] = '', state[2] + 1
+          state.results[state.taken] = ''
+          state.answered += 1
         elif free:
-          admitted.append(((job, state[1]), item))
+          admitted.append(((job, state.taken), item))
           free -= 1
         else:
           break
-        state[1] += 1
-      if state[1] < len(job.items):
+        state.taken += 1
+      if state.taken < len(job.items):
         break
       self._jobs.pop(0)
-      if state[2] == len(job.items):  # only empty texts, or the last ones already done
+      if state.answered == len(job.items):  # only empty texts, or the last ones already done
         self._answer(job, progress)
     return pool, admitted, None
 
   def _answer(self, job: _Job, progress: dict) -> None:
-    results = progress.pop(job.future)[0]
+    results = progress.pop(job.future).results
     self.items_run += len(results)
     job.future.set_result(results)
 
@@ -357,8 +366,9 @@ class StepBatcher(DynamicBatcher):
       self.batches_run += 1
       for (job, i), result in done:
         state = progress[job.future]
-        state[0][i], state[2] = result, state[2] + 1
-        if state[2] == len(job.items):  # all answered, so all were taken from the queue
+        state.results[i] = result
+        state.answered += 1
+        if state.answered == len(job.items):  # all answered, so all were taken from the queue
           self._answer(job, progress)
 
 
@@ -413,15 +423,6 @@ def check_texts(texts: list, limits: Limits) -> None:
     if len(text) > limits.max_chars:
       raise RequestError(f'texts[{i}] has {len(text)} characters; the limit is max_chars='
                          f'{limits.max_chars}', 413)
-
-
-def _buckets(limit: int, start: int) -> list[int]:
-  """start, 2 start, 4 start, ... below ``limit``, then ``limit``."""
-  out, n = [], start
-  while n < limit:
-    out.append(n)
-    n *= 2
-  return out + [limit]
 
 
 def _trimmed_lengths(bucket: int, max_len: int) -> list[int]:
@@ -579,8 +580,8 @@ class Seq2SeqService:
       if pool is not None:
         count += pool.slots.warm_up()
         continue
-      for length in _buckets(longest, translate.MIN_LENGTH_BUCKET):
-        for rows in _buckets(self.max_batch, 1):
+      for length in translate.bucket_sizes(longest, translate.MIN_LENGTH_BUCKET):
+        for rows in translate.bucket_sizes(self.max_batch, 1):
           self.run((search, self.default_len), [np.resize(ids, length)] * rows)
           count += 1
     return count

@@ -119,6 +119,29 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
 
+def bucket_sizes(limit: int, start: int) -> list[int]:
+  """start, 2 start, 4 start, ... below ``limit``, then ``limit``: every bucket size."""
+  out, n = [], start
+  while n < limit:
+    out.append(n)
+    n *= 2
+  return out + [limit]
+
+
+def _bucket_inputs(seqs: Sequence[np.ndarray], rows: int, max_len: int) -> np.ndarray:
+  """seqs (at most ``rows``, each at most ``max_len`` ids) as [rows, length] int32 inputs:
+  ``length`` the next power of two of the longest (at least ``MIN_LENGTH_BUCKET``, at most
+  ``max_len``), ``PAD_ID``-padded; filler rows repeat the last sequence, so they never keep
+  a search running after the real rows finish."""
+  longest = max(len(ids) for ids in seqs)
+  length = min(max_len, max(MIN_LENGTH_BUCKET, _next_pow2(longest)))
+  inputs = np.full((rows, length), PAD_ID, np.int32)
+  for row, ids in enumerate(seqs):
+    inputs[row, :len(ids)] = ids
+  inputs[len(seqs):] = inputs[len(seqs) - 1]
+  return inputs
+
+
 def _path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
@@ -303,13 +326,7 @@ class Translator:
     for start in range(0, len(todo), self.batch_size):
       idx = todo[start:start + self.batch_size]
       rows = min(self.batch_size, _next_pow2(len(idx)))
-      longest = max(len(encoded[i]) for i in idx)
-      length = min(self.model_config.max_len, max(MIN_LENGTH_BUCKET, _next_pow2(longest)))
-      inputs = np.full((rows, length), PAD_ID, np.int32)
-      for row, i in enumerate(idx):
-        inputs[row, :len(encoded[i])] = encoded[i]
-      inputs[len(idx):] = inputs[len(idx) - 1]  # filler rows end when the last real one does
-      yield idx, inputs
+      yield idx, _bucket_inputs([encoded[i] for i in idx], rows, self.model_config.max_len)
 
   def translate(self, sentences: Sequence[str], search: SearchConfig = SearchConfig(), *,
                 on_long: str | None = None) -> list[str]:
@@ -422,12 +439,7 @@ class BeamSlots:
     n = min(self.rows, _next_pow2(len(items)))
     for start in range(0, len(items), n):  # more than the bucket: several calls
       chunk, where = items[start:start + n], slots[start:start + n]
-      longest = max(len(ids) for _, ids in chunk)
-      length = min(cfg.max_len, max(MIN_LENGTH_BUCKET, _next_pow2(longest)))
-      inputs = np.full((n, length), PAD_ID, np.int32)
-      for row, (_, ids) in enumerate(chunk):
-        inputs[row, :len(ids)] = ids[:cfg.max_len]
-      inputs[len(chunk):] = inputs[len(chunk) - 1]
+      inputs = _bucket_inputs([ids[:cfg.max_len] for _, ids in chunk], n, cfg.max_len)
       index = np.full((n,), self.rows, np.int32)  # filler rows go to no slot
       index[:len(chunk)] = where
       self._state = _rows_start(self.translator.params, self._state, jnp.asarray(inputs),
@@ -455,21 +467,14 @@ class BeamSlots:
 
   def warm_up(self) -> int:
     """Compiles `start` for every bucket shape and `advance`; returns the shapes run."""
-    cfg = self.translator.model_config
-    lengths, count, rows = [], 0, 1
-    n = MIN_LENGTH_BUCKET
-    while n < cfg.max_len:
-      lengths.append(n)
-      n *= 2
-    while True:
-      for length in lengths + [cfg.max_len]:
+    count = 0
+    for rows in bucket_sizes(self.rows, 1):
+      for length in bucket_sizes(self.translator.model_config.max_len, MIN_LENGTH_BUCKET):
         self.start([('warm-up', np.full((length,), 3, np.int32))] * rows)
         count += 1
         while self.busy:
           self.advance(self.translator.max_decode_len)
-      if rows >= self.rows:
-        return count
-      rows = min(self.rows, rows * 2)
+    return count
 
 
 # --------------------------------------------------------------------------------- CLI
