@@ -12,10 +12,8 @@ directories (`Translator.from_workdir`, ``translate``, ``serve``, ``quantize``) 
 """
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -67,8 +65,7 @@ def average_run(workdir: str, out: str, steps: Sequence[int]) -> int:
   """
   from flaxformer_mini import checkpoints
   from flaxformer_mini.quantize import is_quantized
-  if os.path.exists(os.path.join(out, checkpoints.CHECKPOINT_SUBDIR)):
-    raise FileExistsError(f'{out!r} already holds checkpoints; choose a new --out')
+  checkpoints.check_new_run_dir(out)
   steps = sorted({int(s) for s in steps})
   if len(steps) < 2:
     raise ValueError(f'averaging needs at least 2 distinct steps, got {steps}')
@@ -83,19 +80,8 @@ def average_run(workdir: str, out: str, steps: Sequence[int]) -> int:
     if is_quantized(params):
       raise ValueError(f'{workdir!r} step {step} holds int8 params; average float ones')
     trees.append(params)
-  params = average_params(trees)
-  os.makedirs(out, exist_ok=True)
-  copied = {}
-  for name, path in assets.items():
-    copied[name] = os.path.join(out, name)
-    shutil.copyfile(path, copied[name])
-  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump(checkpoints.config_to_dict(config), f, indent=2)
-  writer = checkpoints.Checkpointer(out, keep=1, keep_best=0, async_save=False)
-  writer.save(steps[-1], {'params': params}, data_state=None, config=config, assets=copied,
-              task=config.get('task', ''), metrics={},
-              extra_meta={'averaged_steps': steps, 'source': os.path.abspath(workdir)})
-  writer.close()
+  checkpoints.write_params_run(out, steps[-1], average_params(trees), config, assets,
+                               {'averaged_steps': steps, 'source': os.path.abspath(workdir)})
   return steps[-1]
 
 

@@ -568,6 +568,32 @@ def run_task(run_dir: str, step: int | None = None) -> str:
   return config.get('task', 'translation')
 
 
+def check_new_run_dir(out: str) -> None:
+  """FileExistsError unless ``out`` is free for `write_params_run` (no checkpoints yet)."""
+  if os.path.exists(os.path.join(out, CHECKPOINT_SUBDIR)):
+    raise FileExistsError(f'{out!r} already holds checkpoints; choose a new --out')
+
+
+def write_params_run(out: str, step: int, params, config, assets: dict[str, str],
+                     extra_meta: dict) -> None:
+  """Writes ``out``: a run directory of one params-only checkpoint at ``step``, with
+  ``config`` as config.json and copies of the task ``assets`` ({name: source path}), that
+  every loader of run directories reads. ``extra_meta`` goes into the checkpoint's meta
+  (what the params are: int8, an average, ...)."""
+  check_new_run_dir(out)
+  os.makedirs(out, exist_ok=True)
+  copied = {}
+  for name, path in assets.items():
+    copied[name] = os.path.join(out, name)
+    shutil.copyfile(path, copied[name])
+  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(config_to_dict(config), f, indent=2)
+  writer = Checkpointer(out, keep=1, keep_best=0, async_save=False)
+  writer.save(step, {'params': params}, data_state=None, config=config, assets=copied,
+              task=config.get('task', ''), metrics={}, extra_meta=extra_meta)
+  writer.close()
+
+
 def load_run(run_dir: str, step: int | None = None, *, with_meta: bool = False):
   """Loads any task's trained run for inference, onto one device.
 

@@ -28,10 +28,8 @@ array, so the few lines here do it instead.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -151,26 +149,14 @@ def quantize_run(workdir: str, out: str, *, step: int | None = None,
   Returns {'float_bytes', 'int8_bytes', 'checkpoint_bytes', 'source_checkpoint_bytes'}.
   """
   from flaxformer_mini import checkpoints
-  if os.path.exists(os.path.join(out, checkpoints.CHECKPOINT_SUBDIR)):
-    raise FileExistsError(f'{out!r} already holds checkpoints; choose a new --out')
+  checkpoints.check_new_run_dir(out)
   config, params, assets, meta = checkpoints.load_run(workdir, step, with_meta=True)
   if is_quantized(params):
     raise ValueError(f'{workdir!r} already holds int8 params')
   source_step = int(meta['step'])
   qparams = quantize_params(params, min_elements=min_elements)
-  os.makedirs(out, exist_ok=True)
-  copied = {}
-  for name, path in assets.items():
-    copied[name] = os.path.join(out, name)
-    shutil.copyfile(path, copied[name])
-  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump(checkpoints.config_to_dict(config), f, indent=2)
-  writer = checkpoints.Checkpointer(out, keep=1, keep_best=0, async_save=False)
-  writer.save(source_step, {'params': qparams}, data_state=None, config=config,
-              assets=copied, task=config.get('task', ''),
-              metrics={}, extra_meta={'quantization': 'int8',
-                                      'source': os.path.abspath(workdir)})
-  writer.close()
+  checkpoints.write_params_run(out, source_step, qparams, config, assets,
+                               {'quantization': 'int8', 'source': os.path.abspath(workdir)})
   src_dir = os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_SUBDIR,
                          str(source_step))
   return {'float_bytes': tree_bytes(params), 'int8_bytes': tree_bytes(qparams),
